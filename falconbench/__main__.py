@@ -1,0 +1,3 @@
+from falconbench.cli import main
+
+main()

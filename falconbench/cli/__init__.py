@@ -1,0 +1,89 @@
+"""The command line: a click group whose commands live one per module and load only when called."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from ..errors import FalconbenchError
+
+# name -> (module, attribute, one-line help). Modules load lazily so `plan` never pays for `run`'s imports.
+COMMANDS = {
+    "plan": ("falconbench.cli.plan", "plan_command", "Exact weights and KV-cache memory for models, dtypes, "
+             "contexts and batches."),
+    "run": ("falconbench.cli.run", "run_command", "Load each dtype for real and measure memory, speed and "
+            "quality."),
+    "report": ("falconbench.cli.report", "report_command", "Tables and plots from one or more runs."),
+    "fit": ("falconbench.cli.fit", "fit_command", "Which GPU, which dtype, how much context and batch."),
+    "models": ("falconbench.cli.models", "models_group", "List profiles; fetch the bundled real model."),
+}
+
+
+class FalconbenchClickError(click.ClickException):
+    """Shows a FalconbenchError as one `Error: ...` line with the error's exit code."""
+
+    def __init__(self, error: FalconbenchError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self._available(name)]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not self._available(name):
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        return importlib.util.find_spec(COMMANDS[name][0]) is not None
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FalconbenchError as error:
+            raise FalconbenchClickError(error) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="falconbench")
+def cli():
+    """falconbench: plan and measure the GPU memory, speed and quality of Falcon-class LLMs.
+
+    \b
+    Start with:
+      falconbench plan                       # the seed table: 7 models, bf16, 2048 tokens
+      falconbench plan -m falcon-40b -d bf16,int8,nf4 -c 2048,8192
+      falconbench fit -m falcon-7b --context 8192
+    """
+
+
+def main(argv=None) -> None:
+    """Console-script entry point: the one place where unexpected exceptions are caught."""
+    try:
+        cli.main(args=argv, prog_name="falconbench", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the single catch-all, so users never see a traceback
+        if os.environ.get("FALCONBENCH_DEBUG"):
+            raise
+        click.echo(f"Error: unexpected {type(error).__name__}: {error}. "
+                   "Set FALCONBENCH_DEBUG=1 for the traceback and please report it.", err=True)
+        sys.exit(1)

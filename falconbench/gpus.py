@@ -1,0 +1,45 @@
+"""GPU profiles: memory as the card reports it, bandwidth, and bf16 support."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import UsageError
+from .sources import profiles_dir
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One card."""
+
+    name: str
+    memory_bytes: int  # total memory as NVML reports it
+    bandwidth_bytes_per_second: float  # datasheet peak
+    bf16: bool
+    arch: str = ""
+
+    def __post_init__(self):
+        if self.memory_bytes <= 0 or self.bandwidth_bytes_per_second <= 0:
+            raise ValueError(f"GPU {self.name}: memory and bandwidth must be positive")
+
+
+@lru_cache(maxsize=1)
+def gpu_profiles() -> tuple[GPU, ...]:
+    """All bundled GPUs, smallest memory first."""
+    data = json.loads((profiles_dir() / "gpus.json").read_text())
+    gpus = (GPU(g["name"], g["memory_mib"] * MIB, g["bandwidth_gbps"] * 1e9, g["bf16"], g.get("arch", ""))
+            for g in data["gpus"])
+    return tuple(sorted(gpus, key=lambda g: (g.memory_bytes, g.name)))
+
+
+def get_gpu(name: str) -> GPU:
+    """The GPU called `name`, case-insensitively."""
+    wanted = name.strip().lower()
+    for gpu in gpu_profiles():
+        if gpu.name.lower() == wanted:
+            return gpu
+    raise UsageError(f"unknown GPU {name!r}. Choose from: {', '.join(g.name for g in gpu_profiles())}")

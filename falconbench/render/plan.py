@@ -1,0 +1,57 @@
+"""Rendering of `falconbench plan`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.table import Table
+
+from ..planner import SAFETY_MARGIN, PlanRow
+from .console import format_bytes, to_csv, to_json, to_markdown
+
+HEADERS = ("Model", "Attn", "Dtype", "Context", "Batch", "Weights", "KV cache", "Runtime*", "Total",
+           "Smallest GPU", "Warnings")
+RIGHT = (False, False, False, True, True, True, True, True, True, False, False)
+
+
+def _cells(row: PlanRow) -> list[str]:
+    smallest = row.fits_gpus[0] if row.fits_gpus else "none (split or quantize)"
+    attention = f"{row.attention} ({row.kv_heads} KV)"
+    return [row.model, attention, row.dtype, f"{row.context:,}", str(row.batch), format_bytes(row.weights_bytes),
+            format_bytes(row.kv_cache_bytes), format_bytes(row.runtime_bytes), format_bytes(row.total_bytes),
+            smallest, "; ".join(row.warnings)]
+
+
+def plan_table(rows: Sequence[PlanRow]) -> Table:
+    table = Table(title="falconbench plan", caption=_caption(rows), title_justify="left", caption_justify="left")
+    show_warnings = any(r.warnings for r in rows)
+    for header, right in zip(HEADERS, RIGHT):
+        if header == "Warnings" and not show_warnings:
+            continue
+        table.add_column(header, justify="right" if right else "left",
+                         style="yellow" if header == "Warnings" else None, overflow="fold")
+    for row in rows:
+        cells = _cells(row)
+        table.add_row(*(cells if show_warnings else cells[:-1]))
+    return table
+
+
+def _caption(rows: Sequence[PlanRow]) -> str:
+    if not rows:
+        return ""
+    r = rows[0]
+    return (f"Weights and KV cache are exact ({r.kv_dtype} cache). *Runtime is an estimate: CUDA context, "
+            f"prefill activations and logits ({r.attn_impl} attention). Smallest GPU keeps "
+            f"{SAFETY_MARGIN:.0%} of its memory free.")
+
+
+def plan_markdown(rows: Sequence[PlanRow]) -> str:
+    return to_markdown(HEADERS, [_cells(r) for r in rows], RIGHT)
+
+
+def plan_json(rows: Sequence[PlanRow]) -> str:
+    return to_json([r.as_dict() for r in rows])
+
+
+def plan_csv(rows: Sequence[PlanRow]) -> str:
+    return to_csv([r.as_dict() for r in rows])

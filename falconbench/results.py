@@ -1,0 +1,132 @@
+"""Run results: one row per configuration, appended to `results.jsonl` as each configuration finishes.
+
+A row is written as one whole line and flushed, so a crash never leaves half a row; a reader skips (and
+reports, by line number) anything that is not a valid row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ResultsError
+
+Status = Literal["ok", "oom", "error", "interrupted", "skipped"]
+STATUSES: tuple[str, ...] = ("ok", "oom", "error", "interrupted", "skipped")
+RESULTS_FILE = "results.jsonl"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one configuration measured, beside what the planner predicted. Bytes are int, times are seconds."""
+
+    model: str
+    dtype: str
+    status: str
+    config_hash: str = ""
+    error: str | None = None
+    device: str = "cpu"
+    settings: dict[str, Any] = field(default_factory=dict)  # every knob of the configuration
+    environment: dict[str, Any] = field(default_factory=dict)  # versions, CUDA, driver, GPU/CPU name
+    # memory, measured
+    weights_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # CUDA: NVML used − baseline; CPU: peak RSS − baseline
+    memory: dict[str, Any] = field(default_factory=dict)  # per-phase detail (torch allocated/reserved, RSS...)
+    # memory, planned
+    planned_weights_bytes: int | None = None
+    planned_kv_cache_bytes: int | None = None
+    planned_total_bytes: int | None = None
+    # quantization guard
+    quantized_layers: int | None = None
+    linear_layers: int | None = None
+    # latency
+    load_seconds: float | None = None
+    ttft_seconds: float | None = None
+    decode_tokens_per_second: float | None = None
+    latency: dict[str, Any] = field(default_factory=dict)  # read/quantize split, p90, CV, raw samples
+    # quality against the reference scheme
+    perplexity: float | None = None
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    timestamp: str = ""
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {self.status!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        """A row from its JSON form; unknown keys are ignored, missing required ones raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a row must be a JSON object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("model", "dtype", "status") if k not in data]
+        if missing:
+            raise ValueError(f"missing field(s): {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def append_result(path: Path, result: RunResult) -> None:
+    """Append one row as one line, flushed and synced, so finished work survives a crash."""
+    line = json.dumps(result.as_dict(), default=str, allow_nan=True) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
+                           "--output folder") from None
+
+
+@dataclass(frozen=True)
+class ReadProblem:
+    """A line of a results file that is not a valid row."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
+    """Every valid row of a results.jsonl, and a problem for each line that is not one (never raises on content)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ResultsError(f"cannot read {path}: {exc.strerror or exc}. Pass a run folder or its "
+                           f"{RESULTS_FILE}") from None
+    rows, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(RunResult.from_dict(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}); truncated write?"))
+        except (TypeError, ValueError) as exc:
+            problems.append(ReadProblem(str(path), number, f"not a results row: {exc}"))
+    return rows, problems
+
+
+def latest_rows(rows: list[RunResult]) -> list[RunResult]:
+    """The last row of each configuration (keyed by config_hash, or model+dtype), in first-seen order."""
+    latest: dict[str, RunResult] = {}
+    for row in rows:
+        latest[row.config_hash or f"{row.model}/{row.dtype}"] = row
+    return list(latest.values())

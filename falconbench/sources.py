@@ -1,0 +1,120 @@
+"""Resolving `--model` to a config.json: a bundled profile, a folder, a file, or a hub id in the local cache.
+
+Nothing here touches the network: a hub id is looked up in the Hugging Face cache on disk only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ModelNotFoundError
+from .spec import ArchSpec, spec_from_config
+
+
+def profiles_dir() -> Path:
+    """The `profiles/` folder: package data when installed, the repository's folder in a source tree."""
+    try:
+        import falconbench.profiles as installed  # mapped onto profiles/ by setup.cfg's package_dir
+
+        return Path(installed.__file__).parent
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def model_profiles() -> list[str]:
+    """Names of the bundled model profiles."""
+    root = profiles_dir() / "models"
+    return sorted(p.parent.name for p in root.glob("*/config.json"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its display name, the folder that holds config.json (and maybe weights), the config."""
+
+    name: str
+    folder: Path
+    config_path: Path
+    config: dict[str, Any]
+    kind: str  # "profile" | "folder" | "file" | "hub-cache"
+
+    def spec(self) -> ArchSpec:
+        return spec_from_config(self.config, name=self.name, source=str(self.config_path))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Parse a config.json, with the path and position in the error when it is malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}). Pass a JSON config.json") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
+                          "Fix the file or pass another config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def hub_cache_dirs() -> list[Path]:
+    """The Hugging Face hub cache folders, in the order huggingface_hub itself consults them."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    if os.environ.get("HF_HOME"):
+        return [Path(os.environ["HF_HOME"]) / "hub"]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return [Path(xdg) / "huggingface" / "hub" if xdg else Path.home() / ".cache" / "huggingface" / "hub"]
+
+
+def find_in_hub_cache(repo_id: str) -> Path | None:
+    """The snapshot folder of `repo_id` in the local cache (the `main` ref if recorded), or None."""
+    for cache in hub_cache_dirs():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        snapshots = repo / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        ref = repo / "refs" / "main"
+        if ref.is_file():
+            snapshot = snapshots / ref.read_text().strip()
+            if (snapshot / "config.json").is_file():
+                return snapshot
+        candidates = sorted((p for p in snapshots.iterdir() if (p / "config.json").is_file()),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Find `model`: a profile name, a folder with config.json, a config.json path, or a cached hub id."""
+    text = model.strip()
+    if not text:
+        raise ModelNotFoundError("empty --model. Give a profile name such as falcon-7b, or a path")
+    profile = profiles_dir() / "models" / text.lower() / "config.json"
+    if "/" not in text and profile.is_file():
+        return ModelSource(text.lower(), profile.parent, profile, read_config(profile), "profile")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"{path} is a folder without a config.json. Point --model at a model folder")
+        return ModelSource(path.resolve().name, path, config_path, read_config(config_path), "folder")
+    if path.is_file():
+        return ModelSource(path.resolve().parent.name if path.name == "config.json" else path.stem,
+                           path.parent, path, read_config(path), "file")
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        snapshot = find_in_hub_cache(text)
+        if snapshot is not None:
+            config_path = snapshot / "config.json"
+            return ModelSource(text, snapshot, config_path, read_config(config_path), "hub-cache")
+    raise ModelNotFoundError(
+        f"unknown model {model!r}. Known profiles: {', '.join(model_profiles())}. "
+        "Or pass a folder holding config.json, a config.json path, or a hub id already in the local "
+        "Hugging Face cache (falconbench never downloads)")
