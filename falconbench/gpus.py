@@ -43,3 +43,11 @@ def get_gpu(name: str) -> GPU:
         if gpu.name.lower() == wanted:
             return gpu
     raise UsageError(f"unknown GPU {name!r}. Choose from: {', '.join(g.name for g in gpu_profiles())}")
+
+
+def runs_dtype(gpu: GPU, dtype: str) -> bool:
+    """Whether the card computes in `dtype`: bf16 needs bf16 arithmetic (Ampere or newer); T4 and V100 lack it.
+
+    Quantized schemes count as runnable everywhere: their compute dtype can be set to fp16.
+    """
+    return gpu.bf16 or dtype != "bf16"

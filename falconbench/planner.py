@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal
 
 from .errors import UsageError
-from .gpus import GPU, gpu_profiles
+from .gpus import GPU, gpu_profiles, runs_dtype
 from .schemes import Scheme, get_scheme, kv_dtype_bytes
 from .sources import resolve_model
 from .spec import ArchSpec
@@ -147,7 +147,8 @@ def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtyp
         logits_bytes=batch * LOGITS_POSITIONS_IN_GENERATE * spec.vocab_size * LOGITS_BYTES_PER_ELEMENT,
         attn_impl=attn_impl, device=device, warnings=tuple(warnings),
     )
-    return replace(row, fits_gpus=tuple(g.name for g in gpu_profiles() if fits_on(row.total_bytes, g)))
+    fitting = (g.name for g in gpu_profiles() if runs_dtype(g, scheme.name) and fits_on(row.total_bytes, g))
+    return replace(row, fits_gpus=tuple(fitting))
 
 
 def check_positive(name: str, value: object) -> int:
