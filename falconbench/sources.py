@@ -101,12 +101,16 @@ def resolve_model(model: str) -> ModelSource:
     if "/" not in text and profile.is_file():
         return ModelSource(text.lower(), profile.parent, profile, read_config(profile), "profile")
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError):  # a name too long, or with bytes no file system takes
+        is_dir = is_file = False
+    if is_dir:
         config_path = path / "config.json"
         if not config_path.is_file():
             raise ModelNotFoundError(f"{path} is a folder without a config.json. Point --model at a model folder")
         return ModelSource(path.resolve().name, path, config_path, read_config(config_path), "folder")
-    if path.is_file():
+    if is_file:
         return ModelSource(path.resolve().parent.name if path.name == "config.json" else path.stem,
                            path.parent, path, read_config(path), "file")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):

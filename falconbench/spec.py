@@ -22,6 +22,11 @@ class Linear:
     out_features: int
     bias: bool = False
 
+    def __post_init__(self):
+        for value in (self.in_features, self.out_features):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"layer {self.name}: features must be positive integers, got {value!r}")
+
     @property
     def params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
@@ -95,12 +100,27 @@ class _Fields:
         return default
 
     def need(self, *names: str) -> int:
+        """A required positive integer; a missing one is remembered and reported together by check()."""
         value = self.get(*names)
         if value is None:
             self.missing.append(" or ".join(names))
             return 0
+        return self._positive(names[0], value)
+
+    def int_or(self, *names: str, default: int | None) -> int | None:
+        """An optional positive integer."""
+        value = self.get(*names)
+        return default if value is None else self._positive(names[0], value)
+
+    def number_or(self, name: str, default: float) -> float:
+        value = self.get(name, default=default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+            raise ConfigError(f"{self.source}: {name} must be a positive number, got {value!r}")
+        return value
+
+    def _positive(self, name: str, value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{self.source}: {names[0]} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{self.source}: {name} must be a positive integer, got {value!r}")
         return value
 
     def check(self):
@@ -126,7 +146,7 @@ def _falcon(f: _Fields, name: str, model_type: str) -> ArchSpec:
     # NOTE: FalconAttention uses num_kv_heads only with the new decoder architecture, or without multi-query;
     # a multi-query model has ONE K,V head whatever `num_kv_heads` says (fine-tunes often write 71 there).
     if new_arch:
-        kv_heads = f.get("num_kv_heads", "n_head_kv", default=heads)
+        kv_heads = f.int_or("num_kv_heads", "n_head_kv", default=heads)
     elif multi_query:
         kv_heads = 1
     else:
@@ -138,7 +158,7 @@ def _falcon(f: _Fields, name: str, model_type: str) -> ArchSpec:
         qkv_out = hidden + 2 * head_dim
     else:
         qkv_out = 3 * hidden
-    ffn = f.get("ffn_hidden_size", default=4 * hidden)
+    ffn = f.int_or("ffn_hidden_size", default=4 * hidden)
     linears = (
         Linear("self_attention.query_key_value", hidden, qkv_out, bias),
         Linear("self_attention.dense", hidden, hidden, bias),
@@ -157,7 +177,7 @@ def _falcon(f: _Fields, name: str, model_type: str) -> ArchSpec:
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
         layer_norm_params=norms * _layernorm(hidden), embedding_params=vocab * hidden,
         final_norm_params=_layernorm(hidden), lm_head=None if tied else Linear("lm_head", hidden, vocab),
-        intermediate_size=ffn, max_positions=f.get("max_position_embeddings", default=2048),
+        intermediate_size=ffn, max_positions=f.int_or("max_position_embeddings", default=2048),
     )
 
 
@@ -169,8 +189,8 @@ def _llama(f: _Fields, name: str, model_type: str) -> ArchSpec:
     inter = f.need("intermediate_size")
     f.check()
     # No num_key_value_heads means multi-head attention (LLaMA-1 configs predate the field).
-    kv_heads = f.get("num_key_value_heads", default=heads)
-    head_dim = f.get("head_dim", default=hidden // heads)
+    kv_heads = f.int_or("num_key_value_heads", default=heads)
+    head_dim = f.int_or("head_dim", default=hidden // heads)
     attn_bias = bool(f.get("attention_bias", default=False))
     mlp_bias = bool(f.get("mlp_bias", default=False))
     linears = (
@@ -183,13 +203,13 @@ def _llama(f: _Fields, name: str, model_type: str) -> ArchSpec:
         Linear("mlp.down_proj", inter, hidden, mlp_bias),
     )
     tied = bool(f.get("tie_word_embeddings", default=False))
-    window = f.get("sliding_window") if model_type == "mistral" else None
+    window = f.int_or("sliding_window", default=None) if model_type == "mistral" else None
     return ArchSpec(
         name=name, model_type=model_type, hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
         layer_norm_params=2 * hidden, embedding_params=vocab * hidden, final_norm_params=hidden,
         lm_head=None if tied else Linear("lm_head", hidden, vocab), intermediate_size=inter,
-        max_positions=f.get("max_sequence_length", "max_position_embeddings", default=2048), sliding_window=window,
+        max_positions=f.int_or("max_sequence_length", "max_position_embeddings", default=2048), sliding_window=window,
     )
 
 
@@ -199,12 +219,16 @@ def _mpt(f: _Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("n_layers", "num_hidden_layers")
     vocab = f.need("vocab_size")
     f.check()
-    attn = f.get("attn_config", default={}) or {}
+    attn = f.get("attn_config", default={})
+    if not isinstance(attn, dict):
+        raise ConfigError(f"{f.source}: attn_config must be a JSON object, got {attn!r}")
     head_dim = hidden // heads
     grouped = attn.get("attn_type") in ("grouped_query_attention", "multiquery_attention")
-    kv_heads = (1 if attn.get("attn_type") == "multiquery_attention" else attn.get("kv_n_heads", heads)) \
-        if grouped else heads
-    ffn = int(f.get("expansion_ratio", default=4) * hidden)
+    kv_heads = heads
+    if grouped:
+        kv_heads = 1 if attn.get("attn_type") == "multiquery_attention" else \
+            _Fields(attn, f.source + " attn_config").int_or("kv_n_heads", default=heads)
+    ffn = int(f.number_or("expansion_ratio", 4) * hidden)
     linears = (
         Linear("attn.Wqkv", hidden, hidden + 2 * kv_heads * head_dim),
         Linear("attn.out_proj", hidden, hidden),
@@ -216,7 +240,7 @@ def _mpt(f: _Fields, name: str, model_type: str) -> ArchSpec:
         name=name, model_type="mpt", hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
         layer_norm_params=2 * hidden, embedding_params=vocab * hidden, final_norm_params=hidden,
-        lm_head=None, intermediate_size=ffn, max_positions=f.get("max_seq_len"),
+        lm_head=None, intermediate_size=ffn, max_positions=f.int_or("max_seq_len", default=None),
     )
 
 
@@ -240,7 +264,7 @@ def _gpt_neox(f: _Fields, name: str, model_type: str) -> ArchSpec:
         num_kv_heads=heads, head_dim=hidden // heads, vocab_size=vocab, layer_linears=linears,
         layer_norm_params=2 * _layernorm(hidden), embedding_params=vocab * hidden,
         final_norm_params=_layernorm(hidden), lm_head=None if tied else Linear("embed_out", hidden, vocab),
-        intermediate_size=inter, max_positions=f.get("max_position_embeddings"),
+        intermediate_size=inter, max_positions=f.int_or("max_position_embeddings", default=None),
     )
 
 
