@@ -16,13 +16,8 @@ from .spec import ArchSpec, spec_from_config
 
 
 def profiles_dir() -> Path:
-    """The `profiles/` folder: package data when installed, the repository's folder in a source tree."""
-    try:
-        import falconbench.profiles as installed  # mapped onto profiles/ by setup.cfg's package_dir
-
-        return Path(installed.__file__).parent
-    except ImportError:
-        return Path(__file__).resolve().parent.parent / "profiles"
+    """The bundled `profiles/` folder (`falconbench/profiles` links to it, so it also ships in the wheel)."""
+    return Path(__file__).resolve().parent / "profiles"
 
 
 def model_profiles() -> list[str]:
