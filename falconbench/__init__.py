@@ -1,6 +1,7 @@
 """falconbench: plan and measure the memory, speed and quality of Falcon-class LLMs in every precision."""
 
 from .errors import ConfigError, FalconbenchError, ModelNotFoundError, UsageError
+from .fit import FitResult, FitRow, fit
 from .gpus import GPU, get_gpu, gpu_profiles
 from .planner import PlanRow, kv_cache_bytes, plan, plan_point, weights_bytes
 from .schemes import SCHEMES, Scheme, get_scheme
@@ -12,5 +13,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchSpec", "ConfigError", "FalconbenchError", "GPU", "Linear", "ModelNotFoundError", "ModelSource",
     "PlanRow", "SCHEMES", "Scheme", "UsageError", "get_gpu", "get_scheme", "gpu_profiles", "kv_cache_bytes",
+    "FitResult", "FitRow", "fit",
     "plan", "plan_point", "resolve_model", "spec_from_config", "weights_bytes",
 ]

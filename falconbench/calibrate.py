@@ -1,0 +1,158 @@
+"""Measured figures from a `falconbench run` that replace the planner's estimates in `fit`.
+
+From each scheme's last `ok` row of the model: the measured weights replace the planned weights, and on CUDA the
+measured runtime overhead, peak − weights − KV cache, replaces the planner's runtime estimate (CUDA context plus
+prefill transients). A CPU run calibrates the weights only: resident memory on a CPU says nothing about a CUDA
+context. The row's quality figures (perplexity against the reference scheme) come along for the recommendation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ResultsError
+from .planner import kv_cache_bytes
+from .results import RunResult, latest_rows, read_results
+from .schemes import get_scheme
+from .spec import ArchSpec
+
+# Environment keys that may name the card a run measured on, most specific first.
+DEVICE_NAME_KEYS = ("gpu_name", "gpu", "cuda_device_name", "device_name")
+
+
+@dataclass(frozen=True)
+class QualityCost:
+    """What a scheme costs in quality, as a run measured it; None where it was not measured."""
+
+    perplexity: float | None = None
+    reference: str | None = None
+    reference_perplexity: float | None = None
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        return any(v is not None for v in (self.perplexity, self.kl_divergence, self.top1_agreement))
+
+    @property
+    def perplexity_change(self) -> float | None:
+        """Relative to the reference: 0.05 means 5% higher perplexity."""
+        if self.perplexity is None or not self.reference_perplexity:
+            return None
+        return self.perplexity / self.reference_perplexity - 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One scheme's measured figures. `overhead_bytes` is None when the run was not on a CUDA device."""
+
+    dtype: str
+    weights_bytes: int
+    overhead_bytes: int | None
+    run_context: int  # tokens the run's cache held (measured KV ÷ KV bytes per token)
+    run_batch: int
+    measured_on: str
+    quality: QualityCost = QualityCost()
+
+    def __post_init__(self):
+        if self.weights_bytes <= 0 or self.run_context <= 0 or self.run_batch <= 0:
+            raise ValueError("a calibration needs positive weights bytes, run context and run batch")
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The calibrations read from one run folder, and what the reader had to say about it."""
+
+    source: str
+    items: tuple[Calibration, ...]
+    notes: tuple[str, ...] = ()
+
+
+def count(value: Any) -> int | None:
+    """A byte count from a results row: a non-negative int, else None (rows come from files and may be odd)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def real(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def mapping(value: Any) -> dict[str, Any]:
+    """A row's dict field, or {} when a hand-edited file put something else there."""
+    return value if isinstance(value, dict) else {}
+
+
+def measured_on(row: RunResult) -> str:
+    environment = mapping(row.environment)
+    for key in DEVICE_NAME_KEYS:
+        if isinstance(environment.get(key), str) and environment[key].strip():
+            return f"{environment[key].strip()} ({row.device})"
+    return str(row.device)
+
+
+def run_point(spec: ArchSpec, row: RunResult) -> tuple[int, int]:
+    """(context, batch) the run measured at: the batch from its settings, the context from its measured cache."""
+    batch = count(mapping(row.settings).get("batch")) or 1
+    width = 4 if get_scheme(row.dtype).torch_dtype == "float32" else 2
+    per_token = kv_cache_bytes(spec, 1, batch, width)
+    return max(1, (count(row.kv_cache_bytes) or 0) // per_token), batch
+
+
+def overhead(row: RunResult) -> int | None:
+    """Measured peak − measured weights − measured KV cache, on CUDA only; None when not measurable."""
+    peak, weights, kv = count(row.peak_memory_bytes), count(row.weights_bytes), count(row.kv_cache_bytes)
+    if row.device != "cuda" or None in (peak, weights, kv) or peak < weights + kv:
+        return None
+    return peak - weights - kv
+
+
+def quality_cost(row: RunResult, ok_rows: dict[str, RunResult]) -> QualityCost:
+    quality, settings = mapping(row.quality), mapping(row.settings)
+    reference = quality.get("reference") or settings.get("reference")
+    reference = reference if isinstance(reference, str) else None
+    ref_ppl = real(quality.get("reference_perplexity"))
+    if ref_ppl is None and reference in ok_rows:
+        ref_ppl = real(ok_rows[reference].perplexity)
+    return QualityCost(real(row.perplexity), reference, ref_ppl, real(row.kl_divergence), real(row.top1_agreement))
+
+
+def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str]) -> tuple[dict[str, RunResult], list[str]]:
+    """The last ok row with measured weights per scheme of this model, and notes on what was skipped."""
+    rows, problems = read_results(Path(folder))
+    notes = [f"skipped {p}" for p in problems]
+    rows = latest_rows(rows)
+    mine = [r for r in rows if str(r.model).lower() == spec.name.lower()]
+    if rows and not mine:
+        others = ", ".join(sorted({str(r.model) for r in rows}))
+        raise ResultsError(f"{folder} holds results for {others}, not {spec.name}. Pass the --model that run "
+                           f"measured, or a run folder of {spec.name}")
+    ok = {r.dtype: r for r in mine if r.status == "ok" and count(r.weights_bytes)}
+    if not any(d in ok for d in dtypes):
+        found = ", ".join(f"{r.dtype} {r.status}" for r in mine) or "no valid rows"
+        raise ResultsError(f"{folder} has no usable result for {spec.name} in {', '.join(dtypes)} (found: "
+                           f"{found}). A usable row has status ok and measured weights_bytes; run `falconbench "
+                           "run` for these dtypes, or choose the dtypes it measured")
+    return ok, notes
+
+
+def read_calibration(folder: str, spec: ArchSpec, dtypes: Sequence[str]) -> CalibrationSet:
+    """Calibrations for the schemes in `dtypes` that the run in `folder` measured for this model."""
+    ok, notes = usable_rows(folder, spec, dtypes)
+    items = []
+    for dtype in dtypes:
+        row = ok.get(dtype)
+        if row is None:
+            notes.append(f"{dtype}: not measured in this run; planned figures")
+            continue
+        measured = overhead(row)
+        if measured is None:
+            notes.append(f"{dtype}: weights measured; runtime stays the planner's estimate (the run on "
+                         f"{row.device} gives no CUDA overhead)")
+        context, batch = run_point(spec, row)
+        items.append(Calibration(dtype, count(row.weights_bytes), measured, context, batch, measured_on(row),
+                                 quality_cost(row, ok)))
+    return CalibrationSet(str(folder), tuple(items), tuple(notes))

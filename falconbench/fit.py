@@ -1,0 +1,303 @@
+"""`falconbench fit`: which card, which scheme, how much context and batch, from the planner's bytes.
+
+For every GPU × scheme the question is one inequality, the planner's (`planner.fits_on`):
+
+    weights + KV cache(context, batch) + runtime(context, batch) ≤ memory × (1 − margin)
+
+Weights and KV cache are the planner's exact bytes; runtime is its documented estimate (CUDA context plus the
+prefill's transient tensors), or measured figures from a `falconbench run` (`calibrate.py`). The largest context
+and batch are found by integer search over that same total, so they are exact against it. A model that does not
+fit one card is split across several the way accelerate's `device_map="auto"` places it: whole decoder layers
+(with their KV cache) per card, the embeddings on the first, the final norm and head on the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable, Sequence
+
+from .calibrate import Calibration, QualityCost, read_calibration
+from .errors import UsageError
+from .gpus import GPU, get_gpu, gpu_profiles
+from .planner import SAFETY_MARGIN, check_positive, fits_on, plan_point
+from .schemes import Scheme, get_scheme
+from .sources import resolve_model
+from .spec import ArchSpec
+
+DEFAULT_DTYPES = ("bf16", "fp16", "int8", "nf4")
+# Searches stop here: 2^40 tokens or sequences is beyond any card, so reaching it means "unbounded".
+SEARCH_LIMIT = 2**40
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One model in one scheme: the planner's bytes, with measured weights and runtime where a run calibrated them."""
+
+    spec: ArchSpec
+    scheme: Scheme
+    calibration: Calibration | None = None
+
+    def parts(self, context: int, batch: int) -> tuple[int, int, int]:
+        """(weights, KV cache, runtime) bytes at `context` tokens and `batch` sequences on a CUDA device."""
+        row = plan_point(self.spec, self.scheme, context, batch)
+        weights, runtime = row.weights_bytes, row.runtime_bytes
+        cal = self.calibration
+        if cal is not None:
+            weights = cal.weights_bytes
+            if cal.overhead_bytes is not None:
+                # Measured overhead at the run's own point, plus the planner's growth of the transient tensors
+                # from there to the asked point: equal to the measurement where the run measured.
+                at_run = plan_point(self.spec, self.scheme, cal.run_context, cal.run_batch).runtime_bytes
+                runtime += cal.overhead_bytes - at_run
+        return weights, row.kv_cache_bytes, runtime
+
+    def total(self, context: int, batch: int) -> int:
+        return sum(self.parts(context, batch))
+
+    @property
+    def calibrated(self) -> tuple[str, ...]:
+        """Which figures are measured rather than planned."""
+        if self.calibration is None:
+            return ()
+        return ("weights",) + (("runtime",) if self.calibration.overhead_bytes is not None else ())
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int = SEARCH_LIMIT) -> int:
+    """The largest n in 1..limit with fits(n), 0 when fits(1) is false; `fits` must hold up to a point, then fail."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # invariant: fits(low), not fits(high) (or high beyond the limit)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def usable_bytes(gpu: GPU, margin: float) -> int:
+    """The most bytes `fits_on` accepts on this card: whole bytes within memory × (1 − margin)."""
+    return int(gpu.memory_bytes * (1 - margin))
+
+
+def layer_weight_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, int, int]:
+    """(embeddings, one decoder layer, final norm + head) bytes; first + layers × middle + last = weights_bytes."""
+    linears = sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features) for lin in spec.layer_linears)
+    biases = sum(lin.out_features for lin in spec.layer_linears if lin.bias)
+    layer = linears + (spec.layer_norm_params + biases) * scheme.float_bytes
+    head = spec.lm_head.params if spec.lm_head else 0  # a tied head reuses the embedding on the first card
+    return spec.embedding_params * scheme.float_bytes, layer, (spec.final_norm_params + head) * scheme.float_bytes
+
+
+def split_items(footprint: Footprint, context: int, batch: int) -> list[int]:
+    """Bytes in the order accelerate places modules: embeddings, each decoder layer with its KV cache, the head.
+
+    Measured weights (a calibrated run) are spread over the pieces in proportion to the planned ones.
+    """
+    spec = footprint.spec
+    first, layer, last = layer_weight_bytes(spec, footprint.scheme)
+    pieces = [first] + [layer] * spec.num_layers + [last]
+    weights, kv, _ = footprint.parts(context, batch)
+    pieces = rescale(pieces, weights)
+    kv_per_layer = kv // spec.num_layers  # exact: the KV formula has the layer count as a factor
+    return [p + (kv_per_layer if 0 < i <= spec.num_layers else 0) for i, p in enumerate(pieces)]
+
+
+def rescale(pieces: Sequence[int], total: int) -> list[int]:
+    """`pieces` scaled to sum to `total` exactly (the rounding remainder goes to the largest piece)."""
+    planned = sum(pieces)
+    if planned == total or planned == 0:
+        return list(pieces)
+    scaled = [p * total // planned for p in pieces]
+    scaled[scaled.index(max(scaled))] += total - sum(scaled)
+    return scaled
+
+
+def pack(items: Sequence[int], per_card: int, capacity: int) -> list[int] | None:
+    """Fill cards in order, moving to the next when an item does not fit; each card's bytes, or None if an item
+    cannot fit any card. `per_card` is what every card carries besides its items (CUDA context, transients)."""
+    if any(per_card + item > capacity for item in items):
+        return None
+    loads = [per_card]
+    for item in items:
+        if loads[-1] + item > capacity:
+            loads.append(per_card)
+        loads[-1] += item
+    return loads
+
+
+def balanced_split(items: Sequence[int], per_card: int, capacity: int) -> list[int] | None:
+    """The fewest cards that hold `items` in order, and among those splits the one whose fullest card is emptiest.
+
+    In-order greedy filling gives the fewest cards; lowering the capacity by binary search until that count
+    would grow spreads the layers evenly, as `device_map="auto"` balances them over the cards it is given.
+    """
+    greedy = pack(items, per_card, capacity)
+    if greedy is None:
+        return None
+    cards = len(greedy)
+    low, high = per_card + max(items) - 1, capacity  # nothing fits at `low`; `cards` cards do at `high`
+    while high - low > 1:
+        mid = (low + high) // 2
+        loads = pack(items, per_card, mid)
+        low, high = (low, mid) if loads is not None and len(loads) <= cards else (mid, high)
+    return pack(items, per_card, high)
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One model in one scheme on one card at one context and batch."""
+
+    model: str
+    gpu: str
+    dtype: str
+    context: int
+    batch: int
+    margin: float
+    memory_bytes: int
+    usable_bytes: int
+    bandwidth_bytes_per_second: float
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_bytes: int
+    total_bytes: int
+    fits: bool
+    headroom_bytes: int  # usable − total: negative when it does not fit
+    max_context: int  # at this batch, on one card; 0 when nothing fits
+    max_batch: int  # at this context, on one card
+    position_limit: int | None
+    max_context_beyond_positions: bool
+    gpus_needed: int | None  # None when one piece (a layer or the embeddings) exceeds the card
+    per_gpu_bytes: tuple[int, ...]
+    bf16_supported: bool
+    dtype_supported: bool
+    suggestion: str | None
+    decode_tokens_per_second_bound: float  # per sequence: bandwidth ÷ (weights + KV) bytes read per step
+    calibrated: tuple[str, ...] = ()
+    recommended: bool = False
+    warnings: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.total_bytes != self.weights_bytes + self.kv_cache_bytes + self.runtime_bytes:
+            raise ValueError("total_bytes must be weights + KV cache + runtime")
+
+    @property
+    def batch_tokens_per_second_bound(self) -> float:
+        """All sequences together: each decode step yields `batch` tokens."""
+        return self.decode_tokens_per_second_bound * self.batch
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        row["batch_tokens_per_second_bound"] = self.batch_tokens_per_second_bound
+        for key in ("per_gpu_bytes", "calibrated", "warnings"):
+            row[key] = list(row[key])
+        return row
+
+
+def dtype_support(gpu: GPU, scheme: Scheme) -> tuple[bool, str | None]:
+    """Whether the card computes the scheme's dtype natively, and what to use instead when it does not."""
+    if scheme.torch_dtype != "bfloat16" or gpu.bf16:
+        return True, None
+    if scheme.kind == "float":
+        return False, "fp16"
+    return False, f"{scheme.name} with bnb_4bit_compute_dtype=torch.float16"
+
+
+def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: float) -> FitRow:
+    """Every answer for one card: fit, headroom, limits, split, dtype support and the bandwidth bound."""
+    spec, scheme = footprint.spec, footprint.scheme
+    weights, kv, runtime = footprint.parts(context, batch)
+    total = weights + kv + runtime
+    fits = fits_on(total, gpu, margin)
+    max_context = largest_fitting(lambda c: fits_on(footprint.total(c, batch), gpu, margin))
+    max_batch = largest_fitting(lambda b: fits_on(footprint.total(context, b), gpu, margin))
+    split = [total] if fits else balanced_split(split_items(footprint, context, batch), runtime,
+                                                usable_bytes(gpu, margin))
+    supported, suggestion = dtype_support(gpu, scheme)
+    limit = spec.max_positions
+    return FitRow(
+        model=spec.name, gpu=gpu.name, dtype=scheme.name, context=context, batch=batch, margin=margin,
+        memory_bytes=gpu.memory_bytes, usable_bytes=usable_bytes(gpu, margin),
+        bandwidth_bytes_per_second=gpu.bandwidth_bytes_per_second, weights_bytes=weights, kv_cache_bytes=kv,
+        runtime_bytes=runtime, total_bytes=total, fits=fits, headroom_bytes=usable_bytes(gpu, margin) - total,
+        max_context=max_context, max_batch=max_batch, position_limit=limit,
+        max_context_beyond_positions=bool(limit and max_context > limit),
+        gpus_needed=len(split) if split else None, per_gpu_bytes=tuple(split or ()),
+        bf16_supported=gpu.bf16, dtype_supported=supported, suggestion=suggestion,
+        # Each decoded token reads every weight and the whole cache once; a pipeline split reads them card
+        # after card, so one card's bandwidth bounds it just the same.
+        decode_tokens_per_second_bound=gpu.bandwidth_bytes_per_second / (weights + kv),
+        calibrated=footprint.calibrated, warnings=plan_point(spec, scheme, context, batch).warnings,
+    )
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The smallest card (by memory, then bandwidth) and scheme that meet one context × batch request."""
+
+    context: int
+    batch: int
+    row: FitRow | None  # None when no card holds the model even split
+    quality: QualityCost | None = None  # from the calibrating run; None without --calibrate
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """All rows (context × batch × card × scheme), a recommendation per context × batch, and the calibration used."""
+
+    model: str
+    rows: tuple[FitRow, ...]
+    recommendations: tuple[Recommendation, ...]
+    calibrations: tuple[Calibration, ...] = ()
+    calibration_source: str | None = None
+    calibration_notes: tuple[str, ...] = ()
+
+
+def card_order(row: FitRow) -> tuple:
+    return (row.memory_bytes, row.bandwidth_bytes_per_second, row.gpu)
+
+
+def recommend(rows: Sequence[FitRow], scheme_order: Sequence[str]) -> FitRow | None:
+    """One card that holds it, smallest first, in the earliest scheme given (the list runs from most to least
+    precise by default); failing that, the fewest cards of a split. Cards that lack the dtype come last."""
+    usable = [r for r in rows if r.dtype_supported] or list(rows)  # only bf16 on cards without it: say so
+    rank = {name: i for i, name in enumerate(scheme_order)}
+    single = [r for r in usable if r.fits]
+    if single:
+        return min(single, key=lambda r: (card_order(r), rank[r.dtype]))
+    split = [r for r in usable if r.gpus_needed]
+    return min(split, key=lambda r: (r.gpus_needed, card_order(r), rank[r.dtype])) if split else None
+
+
+def check_margin(margin: float) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise UsageError(f"margin must be a fraction from 0 up to (not including) 1, got {margin!r}. "
+                         "Example: --margin 0.05 keeps 5% of each card free")
+    return float(margin)
+
+
+def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[int] = (2048,),
+        batches: Iterable[int] = (1,), gpus: Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
+        calibrate: str | None = None) -> FitResult:
+    """Fit one model on every card × scheme at each context × batch; `calibrate` is a run folder to measure from."""
+    spec = resolve_model(model).spec()
+    schemes = [get_scheme(d) for d in dtypes]
+    cards = [get_gpu(g) for g in gpus] if gpus else list(gpu_profiles())
+    contexts = [check_positive("context", c) for c in contexts]
+    batches = [check_positive("batch", b) for b in batches]
+    margin = check_margin(margin)
+    calibration = read_calibration(calibrate, spec, [s.name for s in schemes]) if calibrate else None
+    by_dtype = {c.dtype: c for c in calibration.items} if calibration else {}
+    footprints = [Footprint(spec, s, by_dtype.get(s.name)) for s in schemes]
+    rows, recommendations = [], []
+    for context in contexts:
+        for batch in batches:
+            block = [fit_row(fp, gpu, context, batch, margin) for gpu in cards for fp in footprints]
+            best = recommend(block, [s.name for s in schemes])
+            block = [replace(r, recommended=True) if r is best else r for r in block]
+            quality = by_dtype[best.dtype].quality if best and best.dtype in by_dtype else None
+            recommendations.append(Recommendation(context, batch, best and replace(best, recommended=True), quality))
+            rows += block
+    return FitResult(spec.name, tuple(rows), tuple(recommendations), calibration.items if calibration else (),
+                     calibration.source if calibration else None, calibration.notes if calibration else ())
