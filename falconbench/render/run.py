@@ -1,0 +1,153 @@
+"""Rendering of `falconbench run`: the live progress on stderr, the comparison table, the JSON rows."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich import box
+from rich.table import Table
+
+from ..results import RunResult
+from ..run.orchestrator import Event
+from ..run.stats import ratio, relative_error
+from .console import err_console, format_bytes, format_percent, format_seconds, to_json
+
+JSON_FIELDS = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
+               "planned_kv_cache_bytes", "peak_memory_bytes", "planned_total_bytes", "load_seconds", "ttft_seconds",
+               "decode_tokens_per_second", "quantized_layers", "linear_layers")
+NOISY_CV = 0.25  # decode-step spread above which the table says the timings are not to be trusted
+STATUS_STYLE = {"ok": "green", "oom": "red", "error": "red", "interrupted": "yellow", "skipped": "yellow"}
+
+
+class RunProgress:
+    """A progress bar over configurations, with the current configuration's phase, on stderr."""
+
+    def __init__(self):
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err_console(), transient=True)
+        self.task = None
+
+    def __enter__(self) -> "RunProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: Event) -> None:
+        label = f"{event.config.dtype} ({event.index + 1}/{event.total})"
+        if self.task is None:
+            self.task = self.progress.add_task(label, total=event.total)
+        if event.kind == "start":
+            self.progress.update(self.task, description=f"{label}: starting a fresh process")
+        elif event.kind == "phase":
+            self.progress.update(self.task, description=f"{label}: {event.phase}")
+        elif event.kind == "done" and event.row is not None:
+            self.progress.advance(self.task)
+            row = event.row
+            style = STATUS_STYLE.get(row.status, "")
+            detail = f": {escape(row.error)}" if row.error else ""
+            self.progress.console.print(f"{row.dtype}: [{style}]{row.status}[/{style}]{detail}")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _times(value: float | None, reference: float | None) -> str:
+    factor = ratio(value, reference)
+    return "-" if factor is None else f"{factor:.2f}×"
+
+
+def _detail(row: RunResult, name: str, key: str) -> float | None:
+    return (row.latency.get(name) or {}).get(key)
+
+
+def _status(row: RunResult) -> str:
+    style = STATUS_STYLE.get(row.status, "")
+    return f"[{style}]{row.status}[/{style}]"
+
+
+def memory_cells(row: RunResult, ref: RunResult) -> list[str]:
+    quantized = "-" if row.linear_layers is None else f"{row.quantized_layers}/{row.linear_layers}"
+    return [
+        row.dtype, _status(row), quantized, format_bytes(row.weights_bytes),
+        _times(row.weights_bytes, ref.weights_bytes),
+        format_percent(relative_error(row.planned_weights_bytes, row.weights_bytes)),
+        format_bytes(row.kv_cache_bytes),
+        format_percent(relative_error(row.planned_kv_cache_bytes, row.kv_cache_bytes)),
+        format_bytes(row.peak_memory_bytes), _times(row.peak_memory_bytes, ref.peak_memory_bytes),
+        format_bytes(row.planned_total_bytes),
+    ]
+
+
+def speed_cells(row: RunResult, ref: RunResult) -> list[str]:
+    return [
+        row.dtype, _status(row), format_seconds(row.load_seconds), format_seconds(row.ttft_seconds),
+        format_seconds(_detail(row, "ttft_seconds", "p90")), _times(row.ttft_seconds, ref.ttft_seconds),
+        _rate(row.decode_tokens_per_second), _times(row.decode_tokens_per_second, ref.decode_tokens_per_second),
+        format_seconds(_detail(row, "decode_token_seconds", "p90")),
+        format_percent(_detail(row, "decode_token_seconds", "cv"), signed=False),
+    ]
+
+
+MEMORY_HEADERS = ("Dtype", "Status", "Quant.", "Weights", "×{ref}", "Plan err", "KV cache", "Plan err", "Peak",
+                  "×{ref}", "Planned")
+SPEED_HEADERS = ("Dtype", "Status", "Load", "TTFT", "TTFT p90", "×{ref}", "Decode tok/s", "×{ref}",
+                 "Token p90", "Token CV")
+
+
+def _table(title: str, headers: Sequence[str], body: list[list[str]], ref: str, caption: str = "") -> Table:
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD, collapse_padding=True, show_edge=False)
+    for header in headers:
+        table.add_column(header.format(ref=ref), justify="left" if header in ("Dtype", "Status") else "right",
+                         no_wrap=True)
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def run_tables(rows: Sequence[RunResult]) -> list[Table]:
+    """Memory and speed, one row per scheme, with ratios (×) to the first row, the reference."""
+    if not rows:
+        return []
+    # NOTE: a failed reference gives no ratios (its fields are None), which the cells show as "-".
+    ref = rows[0]
+    memory = _table(_title(rows), MEMORY_HEADERS, [memory_cells(r, ref) for r in rows], ref.dtype)
+    speed = _table("", SPEED_HEADERS, [speed_cells(r, ref) for r in rows], ref.dtype, _caption(rows))
+    return [memory, speed]
+
+
+def _title(rows: Sequence[RunResult]) -> str:
+    if not rows:
+        return "falconbench run"
+    s, device = rows[0].settings, rows[0].device
+    env = rows[0].environment
+    hardware = env.get("gpu") or env.get("cpu") or device
+    return (f"falconbench run: {rows[0].model} on {device} ({hardware}), prompt {s.get('prompt_tokens')} + "
+            f"{s.get('new_tokens')} new tokens, batch {s.get('batch')}, {s.get('repeats')} repeats")
+
+
+def _caption(rows: Sequence[RunResult]) -> str:
+    peak = "NVML device used − pre-run baseline" if rows[0].device == "cuda" else "peak RSS − baseline"
+    lines = ["Plan err = (planned − measured) / measured. Planned: the planner's total (weights, KV cache, "
+             "runtime estimate).",
+             f"Peak: {peak}. TTFT (prefill) and Decode: medians over the repeats; Token: one decode step."]
+    noisy = [r.dtype for r in rows if (_detail(r, "decode_token_seconds", "cv") or 0) > NOISY_CV]
+    if noisy:
+        lines.append(f"Token CV above {NOISY_CV:.0%} ({', '.join(noisy)}): noisy timings, a busy machine? "
+                     "Rerun with more --repeats.")
+    lines += [f"{r.dtype}: {r.status}: {escape(r.error)}" for r in rows if r.error]
+    return "\n".join(lines)
+
+
+def run_json(rows: Sequence[RunResult]) -> str:
+    """Every row in full (the fields of JSON_FIELDS first), as a JSON list."""
+    out = []
+    for row in rows:
+        data = row.as_dict()
+        out.append({**{k: data[k] for k in JSON_FIELDS}, **data})
+    return to_json(out)

@@ -1,0 +1,217 @@
+"""`falconbench report`: one or several runs side by side, as files a person can read.
+
+Each run's results.jsonl is read with `read_results` (invalid lines become problems, never exceptions), every
+valid row becomes a `SchemeRow` in raw units, the planner adds memory-against-context curves, and
+`write_report` writes report.md, report.csv, report.html and the PNG plots atomically into the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .comparison import Comparison, ContextCurve, RunInfo, SchemeRow, as_mapping, scheme_row
+from .errors import FalconbenchError, ResultsError
+from .gpus import GPU, gpu_profiles
+from .plots import PLOT_FILES
+from .results import RESULTS_FILE, RunResult, latest_rows, read_results
+
+REPORT_FILES = ("report.md", "report.csv", "report.html")
+# GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
+CAPACITY_GPUS = ("T4", "RTX-4090", "A100-40GB", "H100-80GB")
+# Environment keys that name the device a run measured on, most specific first (`run` records them).
+DEVICE_NAME_KEYS = ("gpu_name", "gpu", "cuda_device_name", "device_name", "cpu_name", "cpu", "processor")
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What `write_report` wrote, and what it could not use."""
+
+    out_dir: Path
+    paths: tuple[Path, ...]
+    comparison: Comparison
+    plot_notes: tuple[str, ...] = field(default=())  # plots left out, and why
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """Every line a reader should see beside the table: failed rows, invalid lines, notes."""
+        failed = tuple(f"{r.run}: {r.model} {r.dtype} {r.status}" + (f": {r.error}" if r.error else "")
+                       for r in self.comparison.rows if r.status != "ok")
+        return failed + self.comparison.problems + self.comparison.notes + self.plot_notes
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.comparison.problems
+
+
+def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
+    """Read each run's results (the last row of each configuration) into one Comparison; raise when none is valid."""
+    if not run_dirs:
+        raise ResultsError("no run folder given. Pass the folder that `falconbench run` wrote")
+    paths = [Path(d) for d in run_dirs]
+    names = _run_names(paths)
+    runs, rows = [], []
+    for path, name in zip(paths, names):
+        results, problems = read_results(path)
+        results = latest_rows(results)
+        lines = [f"invalid row skipped: {p}" for p in problems]
+        if not results:
+            lines.append(f"{_results_path(path)}: no valid row")
+        device = _device_name(results)
+        runs.append(RunInfo(name, f"{name} ({device})" if device else name, str(path), device, len(results),
+                            tuple(lines)))
+        rows += [scheme_row(name, r, _run_folder(path)) for r in results]
+    if not rows:
+        detail = "; ".join(p for run in runs for p in run.problems)
+        raise ResultsError(f"no valid results row in {', '.join(map(str, paths))} ({detail}). Pass the folder of "
+                           "a run that finished at least one configuration, or rerun `falconbench run`")
+    curves, notes = context_curves(rows)
+    return Comparison(tuple(runs), tuple(rows), curves, capacity_gpus([r.device_name for r in runs]), notes)
+
+
+def _results_path(path: Path) -> Path:
+    return path / RESULTS_FILE if path.is_dir() or path.suffix != ".jsonl" else path
+
+
+def _run_folder(path: Path) -> Path:
+    return _results_path(path).parent
+
+
+def _run_names(paths: Sequence[Path]) -> list[str]:
+    """Each run's folder name, with its parent where two runs share a name."""
+    names = [_run_folder(p).resolve().name or str(p) for p in paths]
+    return [f"{_run_folder(p).resolve().parent.name}/{n}" if names.count(n) > 1 else n
+            for p, n in zip(paths, names)]
+
+
+def _device_name(results: Sequence[RunResult]) -> str:
+    """What the run measured on: the GPU or CPU name its environment records, else its device."""
+    for result in results:
+        environment = as_mapping(result.environment)
+        for key in DEVICE_NAME_KEYS:
+            if isinstance(environment.get(key), str) and environment[key].strip():
+                return environment[key].strip()
+    return results[0].device if results else ""
+
+
+def capacity_gpus(device_names: Iterable[str] = ()) -> tuple[GPU, ...]:
+    """The GPUs drawn as capacity lines: a few common sizes, plus any profile the runs measured on."""
+    def matches(gpu: GPU, device: str) -> bool:
+        return all(part in device.lower() for part in gpu.name.lower().split("-"))
+
+    chosen = [g for g in gpu_profiles() if g.name in CAPACITY_GPUS
+              or any(matches(g, d) for d in device_names if d)]
+    return tuple(sorted(chosen, key=lambda g: g.memory_bytes))
+
+
+def context_curves(rows: Sequence[SchemeRow]) -> tuple[tuple[ContextCurve, ...], tuple[str, ...]]:
+    """The planner's total memory (on a GPU) against context for each model and scheme in `rows`, and a note for
+    each model it cannot plan (a folder that is gone, say): the plot then leaves that model out."""
+    from .planner import plan_point
+    from .schemes import get_scheme
+
+    curves, notes = [], []
+    for model, batch, kv_dtype in dict.fromkeys((r.model, r.batch, r.kv_dtype) for r in rows):
+        same = [r for r in rows if (r.model, r.batch, r.kv_dtype) == (model, batch, kv_dtype)]
+        spec, why = _model_spec([p for r in same for p in r.model_paths] + [model], same[0].model_config_sha256)
+        if spec is None:
+            notes.append(f"memory against context skipped for {model}: {why}")
+            continue
+        contexts = context_points(spec.max_positions, min((r.cached_tokens for r in same if r.cached_tokens),
+                                                          default=None))
+        for dtype in dict.fromkeys(r.dtype for r in same):
+            try:
+                totals = tuple(plan_point(spec, get_scheme(dtype), c, batch, kv_dtype).total_bytes for c in contexts)
+            except FalconbenchError as exc:
+                notes.append(f"memory against context skipped for {model} {dtype}: {exc}")
+                continue
+            curves.append(ContextCurve(model, dtype, batch, contexts, totals, spec.max_positions))
+    order = [(r.model, r.dtype) for r in rows]
+    return tuple(sorted(curves, key=lambda c: order.index((c.model, c.dtype)))), tuple(notes)
+
+
+def _model_spec(candidates: Sequence[str], config_sha256: str | None):
+    """The architecture from the first candidate (a path, or the model's name) that resolves to the config the
+    run measured (same SHA-256 when the run recorded one, as `run` does); or None and the reason."""
+    from .sources import resolve_model
+
+    reasons = []
+    for candidate in dict.fromkeys(candidates):
+        try:
+            source = resolve_model(candidate)
+        except FalconbenchError as exc:
+            reasons.append(str(exc))
+            continue
+        digest = hashlib.sha256(json.dumps(source.config, sort_keys=True).encode()).hexdigest()
+        if config_sha256 and digest != config_sha256:
+            reasons.append(f"{source.config_path} is not the config the run measured (SHA-256 differs)")
+            continue
+        return source.spec(), ""
+    return None, "; ".join(reasons) or "no model named"
+
+
+def context_points(max_positions: int | None, measured: int | None = None, longest: int = 32768,
+                   cap: int = 131072) -> tuple[int, ...]:
+    """Powers of two from 256 tokens (or from just below a shorter context a run measured, down to 64) to 32k,
+    or to the model's own maximum when that is longer (up to 128k)."""
+    top = min(max(longest, max_positions or 0), cap)
+    bottom = min(256, max(64, 2 ** ((measured or 256).bit_length() - 1)))
+    return tuple(2**k for k in range(bottom.bit_length() - 1, top.bit_length()) if 2**k <= top)
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> ReportResult:
+    """Write report.md, report.csv, report.html and the PNG plots of `run_dirs` into `out_dir` (default: the
+    first run's folder). Each file is written whole or not at all; invalid rows are listed, not fatal."""
+    from .render import report as render
+
+    comparison = load_comparison(run_dirs)
+    out = Path(out_dir) if out_dir is not None else _run_folder(Path(run_dirs[0]))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsError(f"cannot create {out}: {exc.strerror or exc}. Choose another --out folder") from None
+    images, notes = _draw_plots(comparison)
+    result = ReportResult(out, tuple(out / name for name in (*images, *REPORT_FILES)), comparison, notes)
+    files = dict(images)
+    files["report.md"] = render.report_markdown(comparison, tuple(images), result.lines).encode()
+    files["report.csv"] = render.report_csv(comparison).encode()
+    files["report.html"] = render.report_html(comparison, images, result.lines).encode()
+    for name, data in files.items():
+        write_atomic(out / name, data)
+    for stale in set(PLOT_FILES) - set(images):  # a plot an earlier report drew and this one cannot
+        (out / stale).unlink(missing_ok=True)
+    return result
+
+
+def _draw_plots(comparison: Comparison) -> tuple[dict[str, bytes], tuple[str, ...]]:
+    """The PNGs by file name, and a note for each plot left out; no plots at all without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401 - only to learn whether plots are possible
+    except ImportError:
+        return {}, ("plots skipped: matplotlib is not installed. Install it with pip install matplotlib",)
+    from . import plots
+
+    return plots.draw_plots(comparison)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a new file beside `path`, then rename it over `path`: readers never see half a file.
+
+    NOTE: os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would; tempfile's
+    files are private (0o600), which would hide a report from the rest of a team.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
+                           "--out folder") from None

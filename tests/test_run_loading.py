@@ -1,0 +1,162 @@
+"""Loading and quantizing tiny Falcon (multi-query) and Llama (grouped-query) models in-process, on CPU."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("accelerate")
+
+from falconbench.errors import RunError  # noqa: E402
+from falconbench.planner import kv_cache_bytes as planned_kv_bytes  # noqa: E402
+from falconbench.planner import weights_bytes as planned_weights_bytes  # noqa: E402
+from falconbench.run import footprint, loading, worker  # noqa: E402
+from falconbench.run.config import RunConfig  # noqa: E402
+from falconbench.run.decode import generate_fixed, prompt_ids  # noqa: E402
+from falconbench.run.trackers import CpuTracker  # noqa: E402
+from falconbench.schemes import SCHEMES  # noqa: E402
+from falconbench.sources import resolve_model  # noqa: E402
+
+PLAN_TOLERANCE = 0.03
+
+
+def no_sync():
+    pass
+
+
+def build(folder, dtype, random_weights=True):
+    config = RunConfig(str(folder), dtype, random_weights=random_weights)
+    return loading.load_model(config, resolve_model(str(folder)), no_sync)
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return prompt_ids(256, batch=2, tokens=12, seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("dtype, reference", [("int8", "fp16"), ("nf4", "bf16"), ("nf4-dq", "bf16"),
+                                              ("fp4", "bf16")])
+def test_falcon_is_really_quantized(tiny_falcon_config, prompt, dtype, reference):
+    """Every FalconLinear is replaced (the head is not), the weights shrink and the outputs move."""
+    floating, quantized = build(tiny_falcon_config, reference), build(tiny_falcon_config, dtype)
+    assert loading.count_quantized(floating.model) == (0, 8)
+    assert loading.count_quantized(quantized.model) == (8, 8)
+    assert quantized.quantized_by == {"falconbench": 8}
+    assert type(quantized.model.lm_head) is torch.nn.Linear
+    assert footprint.weights_bytes(quantized.model) < 0.6 * footprint.weights_bytes(floating.model)
+    before, after = logits(floating.model, prompt), logits(quantized.model, prompt)
+    assert torch.isfinite(after).all()
+    assert not torch.equal(before, after)
+    assert (after - before).abs().max() < 1.0  # quantization noise, not a broken model
+
+
+@pytest.mark.parametrize("model", ["tiny_falcon_config", "tiny_llama_config"])
+@pytest.mark.parametrize("dtype", list(SCHEMES))
+def test_planner_weights_match_the_loaded_model(model, dtype, request):
+    folder = request.getfixturevalue(model)
+    loaded = build(folder, dtype)
+    measured = footprint.weights_bytes(loaded.model)
+    planned = planned_weights_bytes(resolve_model(str(folder)).spec(), SCHEMES[dtype])
+    assert abs(planned - measured) / measured <= PLAN_TOLERANCE
+    # the only difference is the rotary frequency buffers (inv_freq and its copy), which are not weights
+    buffers = footprint.tensor_bytes(loaded.model.buffers())
+    assert measured - planned == buffers
+
+
+def test_tied_head_materializes_once(tiny_falcon_config):
+    model = build(tiny_falcon_config, "bf16").model
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_pretrained_falcon_gets_quantized_despite_transformers(tiny_falcon_dir, prompt):
+    """transformers 5 leaves FalconLinear in 16 bits under a BitsAndBytesConfig; falconbench finishes the job."""
+    floating = build(tiny_falcon_dir, "bf16", random_weights=False)
+    loaded = build(tiny_falcon_dir, "nf4", random_weights=False)
+    assert loading.count_quantized(loaded.model) == (8, 8)
+    assert sum(loaded.quantized_by.values()) == 8 and set(loaded.seconds) == {"read", "quantize"}
+    assert not torch.equal(logits(floating.model, prompt), logits(loaded.model, prompt))
+
+
+def test_pretrained_llama_is_quantized_by_transformers(tiny_llama_dir):
+    loaded = build(tiny_llama_dir, "int8", random_weights=False)
+    assert loaded.quantized_by == {"transformers": 14, "falconbench": 0}
+    assert loading.count_quantized(loaded.model) == (14, 14)
+
+
+@pytest.mark.parametrize("model", ["tiny_falcon_config", "tiny_llama_config"])
+def test_fixed_length_generation_and_measured_kv_cache(model, request):
+    folder = request.getfixturevalue(model)
+    loaded = build(folder, "bf16")
+    ids = prompt_ids(256, batch=2, tokens=10, seed=0, device="cpu")
+    tracker = CpuTracker()
+    tracker.start()
+    run = generate_fixed(loaded.model, ids, new_tokens=5, tracker=tracker)
+    assert run.tokens.shape == (2, 5) and len(run.step_seconds) == 4 and run.ttft_seconds > 0
+    assert footprint.cached_tokens(run.cache) == 14
+    assert set(tracker.phases) == {"prefill", "decode"}
+    spec = resolve_model(str(folder)).spec()
+    assert footprint.kv_cache_bytes(run.cache) == planned_kv_bytes(spec, context=14, batch=2, kv_bytes=2)
+
+
+def test_cpu_4bit_shape_check_names_the_layer():
+    loading.check_cpu_4bit_shapes([("h.0.mlp.up", 64), ("h.0.attn.qkv", 4672)])
+    with pytest.raises(RunError, match=r"multiple of 32.*not: h\.0\.attn\.qkv \(100 outputs\)\. .*on CUDA"):
+        loading.check_cpu_4bit_shapes([("h.0.mlp.up", 64), ("h.0.attn.qkv", 100)])
+
+
+def test_a_float_model_labelled_quantized_is_refused():
+    worker.check_quantized(RunConfig("falcon-7b", "bf16"), 0, 8)
+    worker.check_quantized(RunConfig("falcon-7b", "nf4"), 8, 8)
+    with pytest.raises(RunError, match="only 0 of 8 linear layers"):
+        worker.check_quantized(RunConfig("falcon-7b", "nf4"), 0, 8)
+    with pytest.raises(RunError, match="only 7 of 8"):
+        worker.check_quantized(RunConfig("falcon-7b", "int8"), 7, 8)
+
+
+def test_out_of_memory_is_told_apart_from_other_errors():
+    assert worker.is_oom(MemoryError())
+    assert worker.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert worker.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                      "memory: you tried to allocate 1099511627776 bytes"))
+    assert not worker.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert worker.describe(ValueError("bad\n  value")) == "ValueError: bad value"
+    assert worker.describe(RunError("what. how")) == "what. how"
+
+
+def test_random_weights_never_hold_the_float_model_whole(tiny_falcon_config, monkeypatch):
+    """Each linear layer is quantized as soon as it is materialized, and its float weight freed before the next
+    one exists (RSS is too coarse for this: the C allocator keeps freed blocks), so the float model never
+    exists whole."""
+    import weakref
+
+    quantize, alive = loading.to_bnb, []
+
+    def watched(linear, scheme, threshold):
+        assert not [ref for ref in alive if ref() is not None], "an earlier float weight is still alive"
+        alive.append(weakref.ref(linear.weight))
+        return quantize(linear, scheme, threshold)
+
+    monkeypatch.setattr(loading, "to_bnb", watched)
+    loaded = build(tiny_falcon_config, "int8")
+    assert len(alive) == 8 and all(ref() is None for ref in alive)
+    assert loading.count_quantized(loaded.model) == (8, 8)
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    repo = tmp_path / "hub" / "models--org--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = resolve_model("org/tiny-llama")
+    assert source.kind == "hub-cache"
+    loaded = loading.load_model(RunConfig("org/tiny-llama", "nf4"), source, no_sync)
+    assert loading.count_quantized(loaded.model) == (14, 14)
