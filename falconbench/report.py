@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,7 +18,7 @@ from .comparison import Comparison, ContextCurve, RunInfo, SchemeRow, as_mapping
 from .errors import FalconbenchError, ResultsError
 from .gpus import GPU, gpu_profiles
 from .plots import PLOT_FILES
-from .results import RESULTS_FILE, RunResult, latest_rows, read_results
+from .results import RESULTS_FILE, RunResult, latest_rows, read_results, write_atomic
 
 REPORT_FILES = ("report.md", "report.csv", "report.html")
 # GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
@@ -197,21 +196,3 @@ def _draw_plots(comparison: Comparison) -> tuple[dict[str, bytes], tuple[str, ..
     from . import plots
 
     return plots.draw_plots(comparison)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a new file beside `path`, then rename it over `path`: readers never see half a file.
-
-    NOTE: os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would; tempfile's
-    files are private (0o600), which would hide a report from the rest of a team.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
-                           "--out folder") from None

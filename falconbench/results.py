@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -130,3 +131,23 @@ def latest_rows(rows: list[RunResult]) -> list[RunResult]:
     for row in rows:
         latest[row.config_hash or f"{row.model}/{row.dtype}"] = row
     return list(latest.values())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a new file beside `path`, then rename it over `path`: readers never see half a file.
+
+    NOTE: os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would; tempfile's
+    files are private (0o600), which would hide a report from the rest of a team.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
+                           "folder") from None

@@ -107,7 +107,9 @@ def test_rows_are_appended_with_settings_environment_and_detail(sweeps, name):
         assert row.latency["ttft_seconds"]["n"] == 2
         assert row.latency["decode_token_seconds"]["n"] == 2 * 3
         assert row.ttft_seconds == row.latency["ttft_seconds"]["median"]
-        assert row.perplexity is None and row.quality == {}
+        # no tokenizer in the tiny Falcon's folder, random weights for the Llama: quality skipped, saying why
+        assert row.perplexity is None
+        assert ("tokenizer" if name == "falcon" else "random weights") in row.quality["skipped"]
     quantization = {r.dtype: r.settings["quantization"] for r in rows}
     assert quantization["bf16"] is None
     assert quantization["int8"]["llm_int8_threshold"] == 6.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import FalconbenchError, UsageError
 from ..render.console import console, err_console
 from ..run.config import DEFAULT_INT8_THRESHOLD, RUN_DEVICES
 from ..schemes import SCHEMES
@@ -12,12 +13,28 @@ from .options import split_list
 RUN_FORMATS = ("table", "json")
 
 
+def parse_size(text: str | None) -> int | None:
+    """'512M', '2G', '1.5GiB' or a byte count → bytes (powers of 1024)."""
+    if text is None:
+        return None
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if scale > 1 else raw) * scale
+    except ValueError:
+        value = -1
+    if not value >= 1:
+        raise UsageError(f"memory cap must be a size such as 512M or 2G, got {text!r}")
+    return int(value)
+
+
 @click.command("run")
 @click.option("-m", "--model", required=True,
-              help="Model folder with safetensors weights, cached hub id, or (with --random-weights) a profile "
-                   "or config.json.")
+              help="Model folder with safetensors weights, cached hub id, bundled model (smollm2), or (with "
+                   "--random-weights) a profile or config.json.")
 @click.option("-d", "--dtype", "dtypes", multiple=True, metavar="D[,D...]",
-              help=f"Schemes, the first is the reference: {', '.join(SCHEMES)}. Default: bf16,fp16,int8,nf4.")
+              help=f"Schemes: {', '.join(SCHEMES)}. The first is the reference of the ratios; with quality on, "
+                   "the --reference scheme runs first. Default: bf16,fp16,int8,nf4.")
 @click.option("--device", type=click.Choice(RUN_DEVICES), default="auto", show_default=True,
               help="auto picks cuda when torch sees a GPU.")
 @click.option("--random-weights", is_flag=True,
@@ -30,30 +47,69 @@ RUN_FORMATS = ("table", "json")
 @click.option("-b", "--batch", type=int, default=1, show_default=True, help="Sequences per run.")
 @click.option("--int8-threshold", type=float, default=DEFAULT_INT8_THRESHOLD, show_default=True,
               help="LLM.int8 outlier threshold.")
+@click.option("--quality/--no-quality", default=True, show_default=True,
+              help="Measure perplexity, KL and top-1 agreement against --reference (real weights only).")
+@click.option("--reference", default="bf16", show_default=True, help="The scheme quality is compared against.")
+@click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text to score. Default: the shipped public-domain novel excerpt.")
+@click.option("--eval-tokens", type=int, default=2048, show_default=True, help="Tokens of the text scored.")
+@click.option("--window", type=int, default=1024, show_default=True, help="Tokens the model sees at once.")
+@click.option("--stride", type=int, default=512, show_default=True, help="How far the window moves.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
-              help="Folder for results.jsonl (appended). Default: a new folder under reports/.")
+              help="Folder for results.jsonl and the report. Default: a new folder under reports/.")
+@click.option("--resume", is_flag=True,
+              help="Finish the run in --output: configurations with a final row are not run again.")
+@click.option("--memory-cap", default=None, metavar="SIZE",
+              help="Let each configuration's process grow by at most SIZE (e.g. 4G) after its imports, as on a "
+                   "smaller machine (CPU memory; Linux).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run Python code shipped with the model (never needed for Falcon). Only for code you trust.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Also load .bin/.pt weights (torch.load can run code from the file). Default: safetensors only.")
+@click.option("--allow-downloads", is_flag=True,
+              help="Let the Hugging Face libraries download a hub id that is not cached. Default: offline.")
 @click.option("-f", "--format", "fmt", type=click.Choice(RUN_FORMATS), default="table", show_default=True)
 def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens, repeats, warmup, batch,
-                int8_threshold, output, fmt):
-    """Load the model in each scheme, each in a fresh process, and measure memory and speed beside the plan.
+                int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output, resume,
+                memory_cap, trust_remote_code, allow_pickle, allow_downloads, fmt):
+    """Load the model in each scheme, each in a fresh process, and measure memory, speed and quality beside
+    the plan; then write the report into the output folder.
 
     Each row is appended to OUTPUT/results.jsonl as its configuration finishes; an out-of-memory or failed
-    configuration gets its status and the sweep goes on.
+    configuration gets its status and the sweep goes on. Ctrl-C keeps every finished row; --resume finishes the
+    rest.
 
     \b
     Examples:
+      falconbench run -m smollm2 -d bf16,fp16,int8,nf4 --device cpu
       falconbench run -m ./my-falcon -d bf16,int8,nf4
       falconbench run -m falcon-7b --random-weights --device cuda --new-tokens 128
       falconbench run -m tiiuae/falcon-7b -d bf16,nf4 --format json
+      falconbench run -m smollm2 -o reports/smol --resume
     """
     from ..render import run as render
     from ..run import run_benchmark
 
-    with render.RunProgress() as progress:
-        outcome = run_benchmark(model, split_list(dtypes) or ["bf16", "fp16", "int8", "nf4"], device=device,
-                                output=output, on_event=progress, random_weights=random_weights,
-                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                                batch=batch, int8_threshold=int8_threshold)
+    if trust_remote_code:
+        err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
+                            "permissions. Use it only for code you have read or trust.", style="bold red",
+                            markup=False, highlight=False)
+    progress = render.RunProgress()
+    try:
+        with progress:
+            outcome = run_benchmark(
+                model, split_list(dtypes) or ["bf16", "fp16", "int8", "nf4"], device=device, output=output,
+                on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
+                prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
+                int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
+                window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap),
+                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, allow_downloads=allow_downloads)
+    except KeyboardInterrupt:
+        where = progress.output_dir or output
+        err_console().print(f"Interrupted. Finished configurations are kept in {where}/results.jsonl; finish the "
+                            f"rest with the same command plus --output {where} --resume", markup=False,
+                            highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
     if fmt == "json":
         click.echo(render.run_json(outcome.rows))
     else:
@@ -61,3 +117,19 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
             console().print(table)
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
+    write_run_report(outcome.output_dir)
+
+
+def write_run_report(output_dir) -> None:
+    """The report of the run, into its folder; a failure here is told, and the results stay as they are."""
+    from ..report import write_report
+
+    try:
+        result = write_report([output_dir])
+    except FalconbenchError as error:
+        err_console().print(f"! The report could not be written: {error}. The results are intact; retry with "
+                            f"falconbench report {output_dir}", style="yellow", markup=False, highlight=False,
+                            soft_wrap=True)
+        return
+    err_console().print(f"Report written to {result.out_dir / 'report.html'} (and report.md, report.csv, PNG plots)",
+                        markup=False, highlight=False, soft_wrap=True)

@@ -16,7 +16,8 @@ from .console import err_console, format_bytes, format_percent, format_seconds, 
 
 JSON_FIELDS = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
                "planned_kv_cache_bytes", "peak_memory_bytes", "planned_total_bytes", "load_seconds", "ttft_seconds",
-               "decode_tokens_per_second", "quantized_layers", "linear_layers")
+               "decode_tokens_per_second", "quantized_layers", "linear_layers", "perplexity", "kl_divergence",
+               "top1_agreement")
 NOISY_CV = 0.25  # decode-step spread above which the table says the timings are not to be trusted
 STATUS_STYLE = {"ok": "green", "oom": "red", "error": "red", "interrupted": "yellow", "skipped": "yellow"}
 
@@ -28,6 +29,7 @@ class RunProgress:
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=err_console(), transient=True)
         self.task = None
+        self.output_dir = None  # the run's folder, once the sweep has said it
 
     def __enter__(self) -> "RunProgress":
         self.progress.__enter__()
@@ -37,6 +39,7 @@ class RunProgress:
         self.progress.__exit__(*exc)
 
     def __call__(self, event: Event) -> None:
+        self.output_dir = event.output_dir or self.output_dir
         label = f"{event.config.dtype} ({event.index + 1}/{event.total})"
         if self.task is None:
             self.task = self.progress.add_task(label, total=event.total)
@@ -49,7 +52,8 @@ class RunProgress:
             row = event.row
             style = STATUS_STYLE.get(row.status, "")
             detail = f": {escape(row.error)}" if row.error else ""
-            self.progress.console.print(f"{row.dtype}: [{style}]{row.status}[/{style}]{detail}")
+            resumed = " (already in the results file)" if event.resumed else ""
+            self.progress.console.print(f"{row.dtype}: [{style}]{row.status}[/{style}]{resumed}{detail}")
 
 
 def _rate(value: float | None) -> str:
@@ -110,15 +114,50 @@ def _table(title: str, headers: Sequence[str], body: list[list[str]], ref: str, 
     return table
 
 
+def quality_cells(row: RunResult) -> list[str]:
+    q = row.quality
+    low, high = q.get("delta_ci_low"), q.get("delta_ci_high")
+    interval = f" [{low:+.3f}, {high:+.3f}]" if low is not None and high is not None and not q.get("is_reference") \
+        else ""
+    delta = "-" if q.get("delta_perplexity") is None else f"{q['delta_perplexity']:+.3f}{interval}"
+    divergence = q.get("divergence_position")
+    diverges = "-" if "greedy_tokens" not in q else (f"token {divergence}" if divergence is not None
+                                                      else f"never ({q['greedy_tokens']})")
+    return [row.dtype, _status(row), _number(row.perplexity, ".3f"), delta, _number(row.kl_divergence, ".4f"),
+            _number(q.get("kl_p99"), ".3f"), format_percent(row.top1_agreement, signed=False), diverges]
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+QUALITY_HEADERS = ("Dtype", "Status", "PPL", "Δ PPL [95% CI]", "KL mean", "KL p99", "Top-1", "Diverges at")
+
+
 def run_tables(rows: Sequence[RunResult]) -> list[Table]:
-    """Memory and speed, one row per scheme, with ratios (×) to the first row, the reference."""
+    """Memory and speed, one row per scheme, with ratios (×) to the first row, the reference; then quality
+    against the reference scheme, when it was measured."""
     if not rows:
         return []
     # NOTE: a failed reference gives no ratios (its fields are None), which the cells show as "-".
     ref = rows[0]
     memory = _table(_title(rows), MEMORY_HEADERS, [memory_cells(r, ref) for r in rows], ref.dtype)
     speed = _table("", SPEED_HEADERS, [speed_cells(r, ref) for r in rows], ref.dtype, _caption(rows))
-    return [memory, speed]
+    tables = [memory, speed]
+    measured = [r for r in rows if r.perplexity is not None]
+    if measured:
+        tables.append(_table("", QUALITY_HEADERS, [quality_cells(r) for r in rows], ref.dtype,
+                             _quality_caption(rows)))
+    return tables
+
+
+def _quality_caption(rows: Sequence[RunResult]) -> str:
+    q = next(r.quality for r in rows if r.perplexity is not None)
+    lines = [f"Quality against {q['reference']} on {q['scored_tokens']:,} scored tokens of {escape(q['eval_text'])} "
+             f"(tokens {q['token_hash']}, window {q['window']}, stride {q['stride']}). KL(reference ‖ scheme) in nats "
+             f"per token; Diverges at: first greedy token of {q['greedy_tokens']} that differs."]
+    lines += [f"{r.dtype}: {escape(r.quality['skipped'])}" for r in rows if r.quality.get("skipped")]
+    return "\n".join(lines)
 
 
 def _title(rows: Sequence[RunResult]) -> str:
@@ -141,6 +180,10 @@ def _caption(rows: Sequence[RunResult]) -> str:
         lines.append(f"Token CV above {NOISY_CV:.0%} ({', '.join(noisy)}): noisy timings, a busy machine? "
                      "Rerun with more --repeats.")
     lines += [f"{r.dtype}: {r.status}: {escape(r.error)}" for r in rows if r.error]
+    if all(r.perplexity is None for r in rows):
+        skipped = next((r.quality["skipped"] for r in rows if r.quality.get("skipped")), None)
+        if skipped:
+            lines.append(escape(skipped[:1].upper() + skipped[1:]) + ".")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from ..sources import ModelSource
 RUN_DEVICES: tuple[str, ...] = ("auto",) + DEVICES
 DEFAULT_INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (Dettmers et al. 2022, section 3.2)
 WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.load files: loading them can run code
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ class RunConfig:
     batch: int = 1
     int8_threshold: float = DEFAULT_INT8_THRESHOLD
     seed: int = 0
+    # quality against the reference scheme (measured when `quality`; the same for every scheme of a sweep)
+    quality: bool = False
+    reference: str = "bf16"
+    eval_text: str | None = None
+    eval_tokens: int = 2048
+    window: int = 1024
+    stride: int = 512
+    # what loading may do beyond reading safetensors from disk (all off unless the user asks)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    allow_downloads: bool = False
+    memory_cap_bytes: int | None = None  # address space the worker may add after its imports (RLIMIT_AS)
 
     def __post_init__(self):
         get_scheme(self.dtype)
@@ -48,6 +61,10 @@ class RunConfig:
             check_positive(name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise UsageError(f"warmup must be a whole number of runs (0 or more), got {self.warmup!r}")
+        if self.memory_cap_bytes is not None:
+            check_positive("memory cap", self.memory_cap_bytes)
+        if self.quality:
+            self.quality_spec()  # validates window, stride and the rest up front, in the parent
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise UsageError(f"int8 threshold must be 0 or more, got {self.int8_threshold!r}. "
                              f"LLM.int8's default is {DEFAULT_INT8_THRESHOLD}")
@@ -69,6 +86,14 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def quality_spec(self):
+        """The quality settings of this configuration (a QualitySpec; pure Python, no torch)."""
+        from ..quality.spec import QualitySpec
+
+        get_scheme(self.reference)
+        return QualitySpec(reference=self.reference, eval_text=Path(self.eval_text) if self.eval_text else None,
+                           eval_tokens=self.eval_tokens, window=self.window, stride=self.stride, seed=self.seed)
+
     def settings(self) -> dict[str, Any]:
         """Every knob of this configuration, as recorded in its row and hashed into its config_hash."""
         scheme = self.scheme
@@ -77,7 +102,17 @@ class RunConfig:
             "new_tokens": self.new_tokens, "cached_tokens": self.cached_tokens, "repeats": self.repeats,
             "warmup": self.warmup, "batch": self.batch, "seed": self.seed, "torch_dtype": scheme.torch_dtype,
             "kv_dtype": kv_dtype_for(scheme), "quantization": quantization_settings(scheme, self.int8_threshold),
+            "quality": self.quality_settings(), "trust_remote_code": self.trust_remote_code,
+            "allow_pickle": self.allow_pickle, "memory_cap_bytes": self.memory_cap_bytes,
         }
+
+    def quality_settings(self) -> dict[str, Any] | None:
+        """What the quality measurement is scored on (None when it is not measured)."""
+        if not self.quality:
+            return None
+        spec = self.quality_spec()
+        return {"reference": self.reference, "eval_text": spec.text_name(), "eval_tokens": self.eval_tokens,
+                "window": self.window, "stride": self.stride}
 
 
 def kv_dtype_for(scheme: Scheme) -> str:
@@ -101,12 +136,35 @@ def quantization_settings(scheme: Scheme, int8_threshold: float) -> dict[str, An
             "bnb_4bit_quant_storage": "uint8"}
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model folder, sorted: safetensors, and pickle-based ones only when allowed."""
+    suffixes = WEIGHT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes))
 
 
-def model_identity(source: ModelSource, random_weights: bool) -> dict[str, Any]:
+def check_safetensors(path: Path) -> None:
+    """Refuse a half-written safetensors file before any process loads it: the header (an 8-byte length, then
+    JSON naming each tensor's byte range) says how long the file must be."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(handle.read(length)) if 0 <= length <= min(size, 100 * 2**20) else None
+    except (OSError, ValueError) as exc:  # ValueError: the header is not JSON (UnicodeDecodeError is one too)
+        raise RunError(f"{path} is not a readable safetensors file ({exc}). Download or convert it again") from None
+    if not isinstance(header, dict):
+        raise RunError(f"{path} is not a safetensors file, or its header is cut short ({size:,} bytes). Download "
+                       "or convert it again")
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+    expected = 8 + length + max((int(end) for end in ends), default=0)
+    if size < expected:
+        raise RunError(f"{path} is truncated: {size:,} of {expected:,} bytes. The download or copy did not "
+                       "finish; fetch it again")
+
+
+def model_identity(source: ModelSource, random_weights: bool, allow_pickle: bool = False) -> dict[str, Any]:
     """What names the model for hashing: its config's contents and, for real weights, where they are and their
     sizes (the snapshot folder of a hub id is its commit)."""
     config_text = json.dumps(source.config, sort_keys=True)
@@ -116,7 +174,7 @@ def model_identity(source: ModelSource, random_weights: bool) -> dict[str, Any]:
         identity["weights"] = "random"
     else:
         identity["folder"] = str(source.folder.resolve())
-        identity["weights"] = [[p.name, p.stat().st_size] for p in weight_files(source.folder)]
+        identity["weights"] = [[p.name, p.stat().st_size] for p in weight_files(source.folder, allow_pickle)]
     return identity
 
 
@@ -127,13 +185,27 @@ def config_hash(identity: dict[str, Any], config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def require_weights(source: ModelSource, random_weights: bool) -> None:
-    """Refuse a model without weights unless random weights were asked for."""
+def require_weights(source: ModelSource, random_weights: bool, allow_pickle: bool = False) -> None:
+    """Refuse a model without weights unless random weights were asked for, and pickle-based weights unless
+    they were allowed (torch.load can run code hidden in the file)."""
     if random_weights:
         return
-    if source.kind == "profile" or not source.folder.is_dir() or not weight_files(source.folder):
-        raise RunError(f"{source.name}: no safetensors weights in {source.folder}. Pass --random-weights to "
-                       "measure the architecture with random weights, or point --model at a model folder")
+    if source.kind == "profile" or not source.folder.is_dir():
+        raise RunError(f"{source.name}: no weights, only a config. Pass --random-weights to measure the "
+                       "architecture with random weights, or point --model at a model folder")
+    files = weight_files(source.folder, allow_pickle)
+    if files:
+        for path in files:
+            if path.name.endswith(WEIGHT_SUFFIXES):
+                check_safetensors(path)
+        return
+    pickled = weight_files(source.folder, allow_pickle=True)
+    if pickled:
+        raise RunError(f"{source.name}: {source.folder} holds only pickle-based weights ({pickled[0].name}), and "
+                       "loading them can run code from the file. Convert them to safetensors, or pass "
+                       "--allow-pickle if you trust where they came from")
+    raise RunError(f"{source.name}: no safetensors weights in {source.folder}. Pass --random-weights to "
+                   "measure the architecture with random weights, or point --model at a model folder")
 
 
 def sanitize(name: str) -> str:

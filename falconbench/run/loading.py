@@ -152,10 +152,12 @@ def quantize_remaining(model, scheme: Scheme, int8_threshold: float) -> int:
     return done
 
 
-def hf_config(source: ModelSource):
-    """A transformers config object from the source's config.json."""
+def hf_config(source: ModelSource, trust_remote_code: bool = False):
+    """A transformers config object from the source's config.json (its own code only when trusted)."""
     from transformers import AutoConfig
 
+    if trust_remote_code and "auto_map" in source.config:
+        return AutoConfig.from_pretrained(str(source.folder), trust_remote_code=True)
     config = dict(source.config)
     model_type = config.pop("model_type", None)
     try:
@@ -170,7 +172,9 @@ def import_libraries(config: RunConfig, source: ModelSource) -> None:
     import accelerate  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM._model_mapping[type(hf_config(source))]  # imports the architecture's module
+    hf = hf_config(source, config.trust_remote_code)
+    if type(hf) in AutoModelForCausalLM._model_mapping:
+        AutoModelForCausalLM._model_mapping[type(hf)]  # imports the architecture's module
     if config.scheme.quantized:
         import bitsandbytes  # noqa: F401
 
@@ -189,8 +193,11 @@ def load_pretrained(config: RunConfig, source: ModelSource, synchronize) -> Load
 
 
     scheme = config.scheme
+    # NOTE: safetensors only (torch.load of a pickle can run code) and no remote code, unless the user said so.
     kwargs: dict[str, Any] = {"dtype": torch_dtype(scheme.torch_dtype),
-                              "device_map": {"": 0 if config.device == "cuda" else "cpu"}}
+                              "device_map": {"": 0 if config.device == "cuda" else "cpu"},
+                              "use_safetensors": None if config.allow_pickle else True,
+                              "trust_remote_code": config.trust_remote_code}
     if scheme.quantized:
         kwargs["quantization_config"] = bnb_config(scheme, config.int8_threshold)
     model, read = timed(lambda: AutoModelForCausalLM.from_pretrained(str(source.folder), **kwargs), synchronize)
@@ -212,9 +219,10 @@ def build_random(config: RunConfig, source: ModelSource, synchronize) -> LoadedM
 
     scheme = config.scheme
     start = time.perf_counter()
-    hf = hf_config(source)
+    hf = hf_config(source, config.trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch_dtype(scheme.torch_dtype))
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch_dtype(scheme.torch_dtype),
+                                                 trust_remote_code=config.trust_remote_code)
     model.tie_weights()
     seconds = {"build": time.perf_counter() - start}
     targets = {name for name, _ in target_linears(model)} if scheme.quantized else set()

@@ -7,8 +7,11 @@ turns whatever comes back (a result, a crash, a signal) into a row.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 from ..errors import RunError, UsageError
 from ..planner import plan_point
-from ..results import RESULTS_FILE, RunResult, append_result
-from ..sources import resolve_model
+from ..results import RESULTS_FILE, RunResult, append_result, read_results, write_atomic
+from ..sources import profiles_dir, resolve_model
 from . import worker
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
     require_weights
@@ -35,6 +38,8 @@ class Event:
     config: RunConfig
     phase: str | None = None
     row: RunResult | None = None
+    resumed: bool = False  # "done" for a row found in the results file by --resume
+    output_dir: Path | None = None
 
 
 OnEvent = Callable[[Event], None]
@@ -46,6 +51,7 @@ class RunOutcome:
 
     rows: list[RunResult]
     output_dir: Path
+    quality_skipped: str | None = None  # why quality was not measured, when it was not
 
     @property
     def results_path(self) -> Path:
@@ -68,47 +74,169 @@ def resolve_device(device: str) -> str:
 
 
 def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", output: Path | None = None,
-                  on_event: OnEvent | None = None, **settings: Any) -> RunOutcome:
-    """Measure `model` in each of `dtypes`, one fresh process per configuration (the Python API of `run`)."""
+                  on_event: OnEvent | None = None, quality: bool = True, resume: bool = False,
+                  **settings: Any) -> RunOutcome:
+    """Measure `model` in each of `dtypes`, one fresh process per configuration (the Python API of `run`).
+
+    Quality is measured when the model has real weights and `quality` is on; then the reference scheme runs
+    first (added when missing), so its log-probabilities are stored before any scheme is compared with them.
+    """
     if not dtypes:
         raise UsageError("no dtype to run. Example: --dtype bf16,int8,nf4")
+    if len(set(dtypes)) != len(dtypes):
+        raise UsageError(f"a dtype is listed twice in {', '.join(dtypes)}; each runs once")
+    model = zoo_folder(model)
     source = resolve_model(model)
-    require_weights(source, settings.get("random_weights", False))
+    random_weights = settings.get("random_weights", False)
+    require_weights(source, random_weights, settings.get("allow_pickle", False))
     resolved = resolve_device(device)
-    configs = [RunConfig(model=model, dtype=d, device=resolved, **settings) for d in dtypes]
+    skipped = None if quality and not random_weights else (
+        "random weights: quality needs trained weights" if quality else "--no-quality")
+    if skipped is None:
+        reference = settings.get("reference", "bf16")
+        dtypes = [reference] + [d for d in dtypes if d != reference]
+    configs = [RunConfig(model=model, dtype=d, device=resolved, quality=skipped is None, **settings) for d in dtypes]
     output_dir = Path(output) if output is not None else default_output_dir(source.name)
-    return RunOutcome(run_sweep(configs, output_dir, on_event), output_dir)
+    rows = run_sweep(configs, output_dir, on_event, resume=resume, quality_skipped=skipped)
+    return RunOutcome(rows, output_dir, quality_skipped=skipped)
 
 
-def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent | None = None) -> list[RunResult]:
-    """Run each configuration in its own process, appending each row to results.jsonl as it finishes."""
-    notify = on_event or (lambda event: None)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot create {output_dir}: {exc.strerror or exc}. Choose another --output") from None
+def zoo_folder(model: str) -> str:
+    """A bundled real model's name (e.g. smollm2) becomes its cached folder, converted on first use."""
+    from .. import zoo
+
+    if model.strip().lower() not in zoo.ZOO or (profiles_dir() / "models" / model.strip().lower()).is_dir():
+        return model
+    return str(zoo.ensure_model(model).folder)
+
+
+def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent | None = None,
+              resume: bool = False, quality_skipped: str | None = None) -> list[RunResult]:
+    """Run each configuration in its own process, appending each row to results.jsonl as it finishes.
+
+    With `resume`, configurations whose final row is in the file already are not run again (an interrupted one
+    is); without it, a folder that holds results is refused rather than mixed into.
+    """
+    def notify(event: Event) -> None:
+        if on_event is not None:
+            on_event(replace(event, output_dir=Path(output_dir)))
+
+    planned = [planned_row(config, quality_skipped) for config in configs]
+    results_path = prepare_output(output_dir)
+    done = resume_rows(results_path, planned, resume)
     rows = []
-    for index, config in enumerate(configs):
-        notify(Event("start", index, len(configs), config))
-        base = planned_row(config)
-        row = run_isolated(config, base, output_dir,
-                           lambda phase, i=index, c=config: notify(Event("phase", i, len(configs), c, phase)))
-        append_result(output_dir / RESULTS_FILE, row)
-        rows.append(row)
-        notify(Event("done", index, len(configs), config, row=row))
+    with terminate_as_interrupt():
+        for index, (config, base) in enumerate(zip(configs, planned)):
+            notify(Event("start", index, len(configs), config))
+            if base.config_hash in done:
+                row = done[base.config_hash]
+                notify(Event("done", index, len(configs), config, row=row, resumed=True))
+                rows.append(row)
+                continue
+            row = run_isolated(config, base, output_dir,
+                               lambda phase, i=index, c=config: notify(Event("phase", i, len(configs), c, phase)))
+            append_result(results_path, row)
+            rows.append(row)
+            notify(Event("done", index, len(configs), config, row=row))
     return rows
 
 
-def planned_row(config: RunConfig) -> RunResult:
+def prepare_output(output_dir: Path) -> Path:
+    """Create the output folder and check that results can be appended there, before any work is done."""
+    path = Path(output_dir) / RESULTS_FILE
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise RunError(f"cannot write results into {output_dir}: {exc.strerror or exc}. Choose another --output")\
+            from None
+    return path
+
+
+def resume_rows(path: Path, planned: Sequence[RunResult], resume: bool) -> dict[str, RunResult]:
+    """The final rows already in `path` for the planned configurations, by config_hash.
+
+    Refuses a file that holds rows of other configurations (another model or other settings), and, without
+    `resume`, any file with rows at all. Interrupted rows are dropped from the file (their configuration runs
+    again), so after the sweep it holds exactly one final row per configuration. Invalid lines are kept as they
+    are and reported by `falconbench report`.
+    """
+    rows, _problems = read_results(path)
+    if not rows:
+        return {}
+    if not resume:
+        raise UsageError(f"{path} already holds {len(rows)} row(s). Pass --resume to finish that run without "
+                         "redoing what is done, or choose a new --output")
+    wanted = {row.config_hash: row for row in planned}
+    foreign = [row for row in rows if row.config_hash not in wanted]
+    if foreign:
+        raise UsageError(f"{path} holds rows of another run, so --resume would mix them: "
+                         f"{why_foreign(foreign[0], planned)}. Use the same model and settings as that run, or "
+                         "choose a new --output")
+    done = {row.config_hash: row for row in rows if row.status != "interrupted"}
+    if len(done) < len(rows):
+        drop_interrupted(path)
+    return done
+
+
+def why_foreign(row: RunResult, planned: Sequence[RunResult]) -> str:
+    """What differs between a row in the file and this run's configurations."""
+    models = sorted({p.model for p in planned})
+    if row.model not in models:
+        return f"its model is {row.model!r}, this run's is {models[0]!r}"
+    same = [p for p in planned if p.dtype == row.dtype] or list(planned)
+    mine, theirs = same[0].settings, row.settings
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if not differ:
+        return f"its {row.dtype} row has configuration hash {row.config_hash}, unknown to this run"
+    shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ[:3])
+    return f"its {row.dtype} row differs in {shown}"
+
+
+def drop_interrupted(path: Path) -> None:
+    """Rewrite `path` without its interrupted rows (every other line kept byte for byte), atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            interrupted = json.loads(line).get("status") == "interrupted"
+        except (ValueError, AttributeError):
+            interrupted = False
+        if not interrupted:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(kept).encode("utf-8"))
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt, as Ctrl-C does, so every way of stopping a sweep ends the
+    worker and records the configuration in flight as interrupted. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def planned_row(config: RunConfig, quality_skipped: str | None = None) -> RunResult:
     """The row before measurement: identity, settings, hash, and the planner's figures for this run."""
     source = resolve_model(config.model)
-    identity = model_identity(source, config.random_weights)
+    identity = model_identity(source, config.random_weights, config.allow_pickle)
     plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
                       kv_dtype=kv_dtype_for(config.scheme), device=config.device)
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
                      planned_weights_bytes=plan.weights_bytes, planned_kv_cache_bytes=plan.kv_cache_bytes,
-                     planned_total_bytes=plan.total_bytes)
+                     planned_total_bytes=plan.total_bytes,
+                     quality={"skipped": f"quality not measured: {quality_skipped}"} if quality_skipped else {})
 
 
 def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase: Callable[[str], None]) -> RunResult:
@@ -118,7 +246,8 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
     log_path = output_dir / WORKER_LOG
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== {base.model} {config.dtype} {base.config_hash} {_now()} ===\n")
-    process = context.Process(target=worker.child_main, args=(config.as_dict(), sender, str(log_path)),
+    process = context.Process(target=worker.child_main, args=(config.as_dict(), sender, str(log_path),
+                                                              str(output_dir)),
                               name=f"falconbench-{config.dtype}")
     process.start()
     sender.close()  # the child holds the only writer now: its exit ends our reads
@@ -134,12 +263,16 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
             elif message["kind"] == "result":
                 result = message
         process.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         process.kill()
         process.join()
-        append_result(output_dir / RESULTS_FILE, finish(base, "interrupted", "interrupted by the user", {}))
+        how = f"by {stop.args[0]}" if stop.args else "by the user (Ctrl-C)"
+        append_result(output_dir / RESULTS_FILE, finish(base, "interrupted", f"interrupted {how}", {}))
         raise
     finally:
+        if process.is_alive():  # any other way out of this function: never leave the worker running
+            process.kill()
+            process.join()
         receiver.close()
     if result is None:
         return finish(base, "error", death_message(process.exitcode, log_path), {})

@@ -8,8 +8,10 @@ failure, so an out-of-memory row still says what loading cost.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FalconbenchError, RunError
@@ -21,19 +23,21 @@ Emit = Callable[..., None]
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
 
 
-def child_main(config: dict[str, Any], conn, log_path: str | None = None) -> None:
+def child_main(config: dict[str, Any], conn, log_path: str | None = None, output_dir: str | None = None) -> None:
     """Entry point of the spawned process (a module-level function, as the spawn context needs)."""
+    end_with_parent()
     if log_path:
         redirect_output(log_path)
-    # Never reach the hub: a model comes from disk or from its config.
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if not config.get("allow_downloads"):  # never reach the hub unless the user allowed it
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     fields: dict[str, Any] = {}
 
     def emit(kind: str, **data: Any) -> None:
         conn.send({"kind": kind, **data})
 
     try:
-        measure(RunConfig(**config), emit, fields)
+        measure(RunConfig(**config), emit, fields, Path(output_dir) if output_dir else None)
         emit("result", status="ok", error=None, fields=fields)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes the row's status, the sweep goes on
         status = "oom" if is_oom(exc) else ("interrupted" if isinstance(exc, KeyboardInterrupt) else "error")
@@ -45,6 +49,31 @@ def child_main(config: dict[str, Any], conn, log_path: str | None = None) -> Non
         # NOTE: the row is sent; skip the interpreter's teardown of torch and transformers (about 2.5 s of
         # module finalization per configuration, measured with benchmarks/run_overhead.py).
         os._exit(0)
+
+
+def end_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so a killed sweep leaves no worker behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the parent still kills its worker on every way out it sees
+        pass
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def cap_memory(extra_bytes: int) -> None:
+    """Let this process's address space grow by at most `extra_bytes` from now on (RLIMIT_AS): allocations past
+    it fail as they would on a smaller machine, and the row reads oom."""
+    import resource
+
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        current = int(statm.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (current + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def redirect_output(path: str) -> None:
@@ -81,8 +110,9 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def measure(config: RunConfig, emit: Emit, fields: dict[str, Any]) -> None:
-    """Load, guard, prefill + decode with warmup and repeats, measure; fill `fields` as each part finishes."""
+def measure(config: RunConfig, emit: Emit, fields: dict[str, Any], output_dir: Path | None = None) -> None:
+    """Load, guard, prefill + decode with warmup and repeats, measure, then score quality; fill `fields` as each
+    part finishes."""
     from . import environment, loading, trackers
 
     source = resolve_model(config.model)
@@ -94,14 +124,42 @@ def measure(config: RunConfig, emit: Emit, fields: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     loading.import_libraries(config, source)
     quiet_libraries()
+    if config.memory_cap_bytes:
+        cap_memory(config.memory_cap_bytes)
     tracker.start()
     fields["environment"] = environment.environment(config.device, getattr(tracker, "nvml", None))
     model = load_phase(config, source, tracker, emit, fields)
     speed_phase(config, model, tracker, emit, fields)
-    # Quality (perplexity, KL and top-1 agreement against the reference scheme) is one more call here,
-    # on the same loaded model, after the speed phases so it never disturbs their timings or peaks.
     fields["memory"] = {**fields.get("memory", {}), **tracker.summary()}
     fields["peak_memory_bytes"] = tracker.peak_bytes()
+    if config.quality:  # after the speed phases, so it never disturbs their timings or peaks
+        emit("phase", phase="quality")
+        quality_phase(config, source, model, output_dir, fields)
+
+
+def quality_phase(config: RunConfig, source, model, output_dir: Path | None, fields: dict[str, Any]) -> None:
+    """Perplexity, KL and top-1 agreement against the reference on the same loaded model. A failure here (no
+    tokenizer, a failed reference) skips quality with its reason; the speed and memory figures stand."""
+    from ..quality import measure_quality
+
+    try:
+        if output_dir is None:
+            raise RunError("no output folder to keep the reference's log-probabilities in")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.folder), trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"no tokenizer could be loaded from {source.folder} ({describe(exc)[:200]}); quality "
+                           "is scored on text, so the folder needs its tokenizer files") from None
+        result = measure_quality(model, tokenizer, config.quality_spec(), output_dir,
+                                 is_reference=config.dtype == config.reference,
+                                 model_id=str(Path(source.folder).resolve()))
+        fields.update(result.as_fields())
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - quality is an addition: its failure must not void the row
+        fields["quality"] = {"skipped": f"quality not measured: {describe(exc)}"}
 
 
 def load_phase(config: RunConfig, source, tracker, emit: Emit, fields: dict[str, Any]):
