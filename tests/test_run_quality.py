@@ -1,0 +1,78 @@
+"""Quality in the same `falconbench run` as speed and memory, on the real SmolLM2-135M, on CPU.
+
+One small sweep (bf16 reference, int8, then nf4 added by --resume), bounded so CI pays well under a minute: 256
+evaluation tokens in windows of 128, a 4-token prompt and 2 new tokens.
+"""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+
+from falconbench.cli import cli  # noqa: E402
+from falconbench.results import read_results  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SMALL = ["--device", "cpu", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+         "--eval-tokens", "256", "--window", "128", "--stride", "64"]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, ["run", *map(str, args), *SMALL, "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def sweep(smollm2_dir, tmp_path_factory):
+    """int8 asked for alone: the bf16 reference is added and runs first; then nf4 joins through --resume."""
+    folder = tmp_path_factory.mktemp("smollm2-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        first = run("-m", smollm2_dir, "-d", "int8", "-o", folder)
+        reference = next(folder.glob("reference-*.safetensors"))
+        stamp = reference.stat().st_mtime_ns
+        resumed = run("-m", smollm2_dir, "-d", "int8,nf4", "-o", folder, "--resume")
+    return first, resumed, folder, reference, stamp
+
+
+def test_the_reference_runs_first_and_rows_carry_quality(sweep):
+    first, resumed, *_ = sweep
+    assert [r["dtype"] for r in first] == ["bf16", "int8"]
+    assert [r["dtype"] for r in resumed] == ["bf16", "int8", "nf4"]
+    for row in resumed:
+        assert row["status"] == "ok", row["error"]
+        assert row["perplexity"] > 1 and row["kl_divergence"] >= 0 and 0 <= row["top1_agreement"] <= 1
+        assert row["quality"]["reference"] == "bf16" and row["quality"]["scored_tokens"] == 255
+    bf16 = resumed[0]
+    assert bf16["quality"]["is_reference"] and bf16["kl_divergence"] == 0 and bf16["top1_agreement"] == 1
+
+
+def test_every_row_scored_the_same_tokens(sweep):
+    rows = sweep[1]
+    assert len({r["quality"]["token_hash"] for r in rows}) == 1
+    assert len({r["quality"]["reference_file"] for r in rows}) == 1
+
+
+def test_int8_drifts_less_than_nf4(sweep):
+    rows = {r["dtype"]: r for r in sweep[1]}
+    assert rows["int8"]["kl_divergence"] < rows["nf4"]["kl_divergence"]
+    assert rows["int8"]["top1_agreement"] > rows["nf4"]["top1_agreement"]
+
+
+def test_resume_reused_the_stored_reference(sweep):
+    _, resumed, folder, reference, stamp = sweep
+    assert reference.stat().st_mtime_ns == stamp  # not written again
+    assert resumed[2]["quality"]["reference_reused"]
+    rows, problems = read_results(folder)
+    assert not problems and [r.dtype for r in rows] == ["bf16", "int8", "nf4"]  # one row each, none redone
+
+
+def test_the_run_wrote_its_report(sweep):
+    folder = sweep[2]
+    for name in ("report.md", "report.csv", "report.html", "quality.png"):
+        assert (folder / name).is_file(), name
+    assert "## Quality" in (folder / "report.md").read_text()
