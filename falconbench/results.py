@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -78,16 +79,34 @@ class RunResult:
 
 
 def append_result(path: Path, result: RunResult) -> None:
-    """Append one row as one line, flushed and synced, so finished work survives a crash."""
-    line = json.dumps(result.as_dict(), default=str, allow_nan=True) + "\n"
+    """Append one row as one line, synced, so finished work survives a crash; a write that fails part-way (a
+    full disk) is cut back off, so the file never holds half a row."""
+    data = (json.dumps(result.as_dict(), default=str, allow_nan=True) + "\n").encode("utf-8")
     try:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
-                           "--output folder") from None
+        raise results_write_error(path, exc) from None
+    start = None
+    try:
+        start = os.lseek(descriptor, 0, os.SEEK_END)
+        if start and os.pread(descriptor, 1, start - 1) != b"\n":
+            data = b"\n" + data  # a cut-short last line (a crash, a copy) must not swallow this row
+        view = memoryview(data)
+        while view:  # NOTE: os.write may write part of the row and fail only on the next call
+            view = view[os.write(descriptor, view):]
+        os.fsync(descriptor)
+    except OSError as exc:
+        if start is not None:
+            with suppress(OSError):
+                os.ftruncate(descriptor, start)
+        raise results_write_error(path, exc) from None
+    finally:
+        os.close(descriptor)
+
+
+def results_write_error(path: Path, exc: OSError) -> ResultsError:
+    return ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
+                        "--output folder")
 
 
 @dataclass(frozen=True)

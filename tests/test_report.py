@@ -24,9 +24,9 @@ from falconbench.results import RunResult, append_result, latest_rows, read_resu
 from falconbench.schemes import SCHEMES
 
 DATA = Path(__file__).parent / "data"
-# A real `falconbench run` of a tiny random Llama on CPU (bf16, fp16, int8, nf4), with the model's config.json
-# kept beside it so the planner can still draw its curves after the model folder is gone.
-RECORDED = DATA / "tiny-llama-cpu"
+# A real `falconbench run -m smollm2 --device cpu` (bf16, fp16, int8, nf4, with quality against bf16), with the
+# model's config.json that `run` keeps beside it, so the planner can still draw its curves without the model.
+RECORDED = DATA / "smollm2-cpu"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("memory.png", "latency.png", "quality.png", "context.png")
 
@@ -165,7 +165,7 @@ def test_a_corrupted_file_reports_the_valid_rows_and_one_line_per_invalid_row(in
     assert "status must be one of" in invalid[2] and "truncated write?" in invalid[4]
     md = (recorded / "report.md").read_text()
     assert "## Problems and notes" in md and md.count("invalid row skipped") == 5
-    assert md.count("| ok |") == 2 * len(good)  # every valid row, in the memory and the speed table
+    assert md.count("| ok |") == 3 * len(good)  # every valid row, in the memory, speed and quality tables
 
 
 def test_failed_configurations_are_shown_as_such(tmp_path, invoke):

@@ -16,7 +16,7 @@ import pytest
 from falconbench.report import write_report
 
 DATA = Path(__file__).parent / "data"
-RECORDED = DATA / "tiny-llama-cpu"
+RECORDED = DATA / "smollm2-cpu"
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium installed (apt-get install chromium)")
 

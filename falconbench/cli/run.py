@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from ..errors import FalconbenchError, UsageError
@@ -23,7 +25,7 @@ def parse_size(text: str | None) -> int | None:
         value = float(raw[:-1] if scale > 1 else raw) * scale
     except ValueError:
         value = -1
-    if not value >= 1:
+    if not 1 <= value < math.inf:
         raise UsageError(f"memory cap must be a size such as 512M or 2G, got {text!r}")
     return int(value)
 
@@ -115,6 +117,9 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
     else:
         for table in render.run_tables(outcome.rows):
             console().print(table)
+    for problem in outcome.problems:
+        err_console().print(f"! skipped a line that is not a results row: {problem}", style="yellow",
+                            markup=False, highlight=False, soft_wrap=True)
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
     write_run_report(outcome.output_dir)

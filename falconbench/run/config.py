@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ RUN_DEVICES: tuple[str, ...] = ("auto",) + DEVICES
 DEFAULT_INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (Dettmers et al. 2022, section 3.2)
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.load files: loading them can run code
+MAX_NAME_CHARS = 100  # of a folder name made from a model name (file systems allow 255 bytes per name)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ class RunConfig:
             raise UsageError(f"warmup must be a whole number of runs (0 or more), got {self.warmup!r}")
         if self.memory_cap_bytes is not None:
             check_positive("memory cap", self.memory_cap_bytes)
-        if self.quality:
-            self.quality_spec()  # validates window, stride and the rest up front, in the parent
-        if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
-            raise UsageError(f"int8 threshold must be 0 or more, got {self.int8_threshold!r}. "
+        # NOTE: validated even when quality is off, so a mistyped --window or --stride is refused, not ignored
+        self.quality_spec()
+        if not isinstance(self.int8_threshold, (int, float)) or not 0 <= self.int8_threshold < math.inf:
+            raise UsageError(f"int8 threshold must be a finite number, 0 or more, got {self.int8_threshold!r}. "
                              f"LLM.int8's default is {DEFAULT_INT8_THRESHOLD}")
 
     @property
@@ -208,9 +210,10 @@ def require_weights(source: ModelSource, random_weights: bool, allow_pickle: boo
                    "measure the architecture with random weights, or point --model at a model folder")
 
 
-def sanitize(name: str) -> str:
-    """A model name made safe as a folder name: `tiiuae/falcon-7b` → `tiiuae-falcon-7b`."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+def sanitize(name: str, max_chars: int = MAX_NAME_CHARS) -> str:
+    """A model name made safe as a folder name: `tiiuae/falcon-7b` → `tiiuae-falcon-7b`; never a path, never
+    hidden, and short enough for the time stamp that follows it."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:max_chars].rstrip("-.")
     return text or "model"
 
 

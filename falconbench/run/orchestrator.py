@@ -22,6 +22,7 @@ from ..planner import plan_point
 from ..results import RESULTS_FILE, RunResult, append_result, read_results, write_atomic
 from ..sources import profiles_dir, resolve_model
 from . import worker
+from .hub import resolve_or_download
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
     require_weights
 
@@ -52,6 +53,7 @@ class RunOutcome:
     rows: list[RunResult]
     output_dir: Path
     quality_skipped: str | None = None  # why quality was not measured, when it was not
+    problems: tuple[str, ...] = ()  # lines of results.jsonl that are not rows ("path:line: reason"), skipped
 
     @property
     def results_path(self) -> Path:
@@ -86,8 +88,9 @@ def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", outpu
     if len(set(dtypes)) != len(dtypes):
         raise UsageError(f"a dtype is listed twice in {', '.join(dtypes)}; each runs once")
     model = zoo_folder(model)
-    source = resolve_model(model)
     random_weights = settings.get("random_weights", False)
+    source = resolve_or_download(model, settings.get("allow_downloads", False), random_weights,
+                                 settings.get("allow_pickle", False), settings.get("trust_remote_code", False))
     require_weights(source, random_weights, settings.get("allow_pickle", False))
     resolved = resolve_device(device)
     skipped = None if quality and not random_weights else (
@@ -98,7 +101,8 @@ def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", outpu
     configs = [RunConfig(model=model, dtype=d, device=resolved, quality=skipped is None, **settings) for d in dtypes]
     output_dir = Path(output) if output is not None else default_output_dir(source.name)
     rows = run_sweep(configs, output_dir, on_event, resume=resume, quality_skipped=skipped)
-    return RunOutcome(rows, output_dir, quality_skipped=skipped)
+    _, problems = read_results(output_dir / RESULTS_FILE)
+    return RunOutcome(rows, output_dir, quality_skipped=skipped, problems=tuple(str(p) for p in problems))
 
 
 def zoo_folder(model: str) -> str:
@@ -124,6 +128,7 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
     planned = [planned_row(config, quality_skipped) for config in configs]
     results_path = prepare_output(output_dir)
     done = resume_rows(results_path, planned, resume)
+    keep_model_config(configs, output_dir)
     rows = []
     with terminate_as_interrupt():
         for index, (config, base) in enumerate(zip(configs, planned)):
@@ -152,6 +157,18 @@ def prepare_output(output_dir: Path) -> Path:
         raise RunError(f"cannot write results into {output_dir}: {exc.strerror or exc}. Choose another --output")\
             from None
     return path
+
+
+def keep_model_config(configs: Sequence[RunConfig], output_dir: Path) -> None:
+    """A copy of the measured model's config.json in the run folder, so its report can still plan the model
+    once the run folder travels without the model (one model per sweep; the first one's is kept)."""
+    target = Path(output_dir) / "config.json"
+    if configs and not target.exists():
+        source = resolve_model(configs[0].model)
+        try:
+            write_atomic(target, source.config_path.read_bytes())
+        except OSError as exc:
+            raise RunError(f"cannot copy {source.config_path} into {output_dir}: {exc.strerror or exc}") from None
 
 
 def resume_rows(path: Path, planned: Sequence[RunResult], resume: bool) -> dict[str, RunResult]:
@@ -244,8 +261,12 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     log_path = output_dir / WORKER_LOG
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n=== {base.model} {config.dtype} {base.config_hash} {_now()} ===\n")
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n=== {base.model} {config.dtype} {base.config_hash} {_now()} ===\n")
+    except OSError as exc:
+        raise RunError(f"cannot write {log_path}: {exc.strerror or exc}. Free some space or choose another "
+                       "--output folder") from None
     process = context.Process(target=worker.child_main, args=(config.as_dict(), sender, str(log_path),
                                                               str(output_dir)),
                               name=f"falconbench-{config.dtype}")

@@ -7,6 +7,7 @@ failure, so an out-of-memory row still says what loading cost.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import statistics
@@ -62,7 +63,9 @@ def end_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # no prctl: the parent still kills its worker on every way out it sees
         pass
-    if os.getppid() == 1:  # the parent died before the request took effect
+    parent = multiprocessing.parent_process()
+    # the parent died before the request took effect (NOTE: the orphan's new parent is a subreaper, not always 1)
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent.pid):
         os._exit(1)
 
 
