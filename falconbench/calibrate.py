@@ -120,12 +120,18 @@ def quality_cost(row: RunResult, ok_rows: dict[str, RunResult]) -> QualityCost:
     return QualityCost(real(row.perplexity), reference, ref_ppl, real(row.kl_divergence), real(row.top1_agreement))
 
 
-def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str]) -> tuple[dict[str, RunResult], list[str]]:
+def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str],
+                config_sha256: str | None = None) -> tuple[dict[str, RunResult], list[str]]:
     """The last ok row with measured weights per scheme of this model, and notes on what was skipped."""
     rows, problems = read_results(Path(folder))
     notes = [f"skipped {p}" for p in problems]
     rows = latest_rows(rows)
-    mine = [r for r in rows if str(r.model).lower() == spec.name.lower()]
+
+    def same_config(row: RunResult) -> bool:
+        source = mapping(mapping(row.settings).get("model_source"))
+        return config_sha256 is not None and source.get("config_sha256") == config_sha256
+
+    mine = [r for r in rows if str(r.model).lower() == spec.name.lower() or same_config(r)]
     if rows and not mine:
         others = ", ".join(sorted({str(r.model) for r in rows}))
         raise ResultsError(f"{folder} holds results for {others}, not {spec.name}. Pass the --model that run "
@@ -139,9 +145,11 @@ def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str]) -> tuple[dic
     return ok, notes
 
 
-def read_calibration(folder: str, spec: ArchSpec, dtypes: Sequence[str]) -> CalibrationSet:
-    """Calibrations for the schemes in `dtypes` that the run in `folder` measured for this model."""
-    ok, notes = usable_rows(folder, spec, dtypes)
+def read_calibration(folder: str, spec: ArchSpec, dtypes: Sequence[str],
+                     config_sha256: str | None = None) -> CalibrationSet:
+    """Calibrations for the schemes in `dtypes` that the run in `folder` measured for this model (by name, or by
+    the SHA-256 of its config.json, which `run` records)."""
+    ok, notes = usable_rows(folder, spec, dtypes, config_sha256)
     items = []
     for dtype in dtypes:
         row = ok.get(dtype)

@@ -13,6 +13,8 @@ fit one card is split across several the way accelerate's `device_map="auto"` pl
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
@@ -277,17 +279,23 @@ def check_margin(margin: float) -> float:
     return float(margin)
 
 
+def config_digest(config: dict) -> str:
+    """The SHA-256 of a config's contents, as `run` records it in each row's model_source."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[int] = (2048,),
         batches: Iterable[int] = (1,), gpus: Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
         calibrate: str | None = None) -> FitResult:
     """Fit one model on every card × scheme at each context × batch; `calibrate` is a run folder to measure from."""
-    spec = resolve_model(model).spec()
+    source = resolve_model(model)
+    spec = source.spec()
     schemes = [get_scheme(d) for d in dtypes]
     cards = [get_gpu(g) for g in gpus] if gpus else list(gpu_profiles())
     contexts = [check_positive("context", c) for c in contexts]
     batches = [check_positive("batch", b) for b in batches]
     margin = check_margin(margin)
-    calibration = read_calibration(calibrate, spec, [s.name for s in schemes]) if calibrate else None
+    calibration = read_calibration(calibrate, spec, [s.name for s in schemes], config_digest(source.config)) if calibrate else None
     by_dtype = {c.dtype: c for c in calibration.items} if calibration else {}
     footprints = [Footprint(spec, s, by_dtype.get(s.name)) for s in schemes]
     rows, recommendations = [], []

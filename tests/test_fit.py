@@ -390,3 +390,15 @@ def test_fit_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["model"] == "falcon-7b"
+
+
+def test_a_recorded_run_calibrates_its_model_found_by_config_not_name():
+    """The recorded SmolLM2 run names its model `smollm2`; the folder beside it is `smollm2-cpu`. The config's
+    SHA-256 that `run` records ties them, and the measured weights replace the planned ones."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "smollm2-cpu"
+    result = fit(str(folder), ["bf16", "nf4"], [2048], [1], ["T4"], calibrate=str(folder))
+    measured = {c.dtype: c.weights_bytes for c in result.calibrations}
+    rows = {json.loads(line)["dtype"]: json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()}
+    assert measured == {d: rows[d]["weights_bytes"] for d in ("bf16", "nf4")}
