@@ -15,7 +15,7 @@ from falconbench.errors import ResultsError
 from falconbench.fit import (Footprint, balanced_split, fit, fit_row, largest_fitting, layer_weight_bytes, pack,
                              split_items, usable_bytes)
 from falconbench.gpus import get_gpu, gpu_profiles
-from falconbench.planner import CUDA_CONTEXT_BYTES, SAFETY_MARGIN, fits_on, kv_cache_bytes, plan_point, weights_bytes
+from falconbench.planner import SAFETY_MARGIN, fits_on, kv_cache_bytes, plan_point, weights_bytes
 from falconbench.render.console import reset_consoles
 from falconbench.results import RunResult, append_result
 from falconbench.schemes import SCHEMES, get_scheme
@@ -140,7 +140,7 @@ def test_split_pieces_add_up_to_the_planners_weights(model):
 @pytest.mark.parametrize("model,dtype", [("falcon-180b", "bf16"), ("falcon-40b", "bf16"), ("falcon-40b", "int8"),
                                          ("llama-65b", "nf4"), ("llama-33b", "fp16")])
 def test_gpus_needed_is_consistent(model, dtype):
-    s, footprint = spec(model), Footprint(spec(model), get_scheme(dtype))
+    footprint = Footprint(spec(model), get_scheme(dtype))
     for gpu in gpu_profiles():
         row = fit_row(footprint, gpu, 2048, 1, SAFETY_MARGIN)
         if row.fits:

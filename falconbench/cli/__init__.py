@@ -67,6 +67,8 @@ def cli():
       falconbench plan                       # the seed table: 7 models, bf16, 2048 tokens
       falconbench plan -m falcon-40b -d bf16,int8,nf4 -c 2048,8192
       falconbench fit -m falcon-7b --context 8192
+      falconbench run -m smollm2 --device cpu  # measure a real model: bf16, fp16, int8, nf4
+      falconbench report reports/<run folder>
     """
 
 

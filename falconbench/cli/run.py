@@ -69,7 +69,8 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load .bin/.pt weights (torch.load can run code from the file). Default: safetensors only.")
 @click.option("--allow-downloads", is_flag=True,
-              help="Let the Hugging Face libraries download a hub id that is not cached. Default: offline.")
+              help="Fetch a hub id missing from the local cache (config, safetensors, tokenizer) and let the "
+                   "Hugging Face libraries go online. Default: offline.")
 @click.option("-f", "--format", "fmt", type=click.Choice(RUN_FORMATS), default="table", show_default=True)
 def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens, repeats, warmup, batch,
                 int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output, resume,

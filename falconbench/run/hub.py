@@ -45,8 +45,8 @@ def resolve_or_download(model: str, allow_downloads: bool = False, random_weight
             raise ModelNotFoundError(
                 f"{model.strip()} is not in the local Hugging Face cache ({hub_cache_dirs()[0]}), and falconbench "
                 "run stays offline unless told otherwise. Pass --allow-downloads to fetch its config, safetensors "
-                "weights and tokenizer into that cache (nothing else is fetched or run), or download it "
-                "yourself first") from None
+                "weights and tokenizer into that cache (pickle weights and code only with --allow-pickle and "
+                "--trust-remote-code), or download it yourself first") from None
     download(model.strip(), download_patterns(random_weights, allow_pickle, trust_remote_code))
     try:
         return resolve_model(model)

@@ -7,7 +7,6 @@ turns whatever comes back (a result, a crash, a signal) into a row.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import signal
 import threading
@@ -19,12 +18,14 @@ from typing import Any, Callable, Sequence
 
 from ..errors import RunError, UsageError
 from ..planner import plan_point
-from ..results import RESULTS_FILE, RunResult, append_result, read_results, write_atomic
+from ..results import RESULTS_FILE, RunResult, append_result, read_results
+from ..schemes import get_scheme
 from ..sources import profiles_dir, resolve_model
 from . import worker
-from .hub import resolve_or_download
+from .rundir import keep_model_config, prepare_output, resume_rows
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
     require_weights
+from .hub import resolve_or_download
 
 WORKER_LOG = "worker.log"
 
@@ -85,6 +86,9 @@ def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", outpu
     """
     if not dtypes:
         raise UsageError("no dtype to run. Example: --dtype bf16,int8,nf4")
+    # NOTE: canonical names, so BF16 and bf16 are one configuration and the reference is found among the dtypes
+    dtypes = [get_scheme(d).name for d in dtypes]
+    settings["reference"] = get_scheme(settings.get("reference", "bf16")).name
     if len(set(dtypes)) != len(dtypes):
         raise UsageError(f"a dtype is listed twice in {', '.join(dtypes)}; each runs once")
     model = zoo_folder(model)
@@ -146,84 +150,6 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
     return rows
 
 
-def prepare_output(output_dir: Path) -> Path:
-    """Create the output folder and check that results can be appended there, before any work is done."""
-    path = Path(output_dir) / RESULTS_FILE
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise RunError(f"cannot write results into {output_dir}: {exc.strerror or exc}. Choose another --output")\
-            from None
-    return path
-
-
-def keep_model_config(configs: Sequence[RunConfig], output_dir: Path) -> None:
-    """A copy of the measured model's config.json in the run folder, so its report can still plan the model
-    once the run folder travels without the model (one model per sweep; the first one's is kept)."""
-    target = Path(output_dir) / "config.json"
-    if configs and not target.exists():
-        source = resolve_model(configs[0].model)
-        try:
-            write_atomic(target, source.config_path.read_bytes())
-        except OSError as exc:
-            raise RunError(f"cannot copy {source.config_path} into {output_dir}: {exc.strerror or exc}") from None
-
-
-def resume_rows(path: Path, planned: Sequence[RunResult], resume: bool) -> dict[str, RunResult]:
-    """The final rows already in `path` for the planned configurations, by config_hash.
-
-    Refuses a file that holds rows of other configurations (another model or other settings), and, without
-    `resume`, any file with rows at all. Interrupted rows are dropped from the file (their configuration runs
-    again), so after the sweep it holds exactly one final row per configuration. Invalid lines are kept as they
-    are and reported by `falconbench report`.
-    """
-    rows, _problems = read_results(path)
-    if not rows:
-        return {}
-    if not resume:
-        raise UsageError(f"{path} already holds {len(rows)} row(s). Pass --resume to finish that run without "
-                         "redoing what is done, or choose a new --output")
-    wanted = {row.config_hash: row for row in planned}
-    foreign = [row for row in rows if row.config_hash not in wanted]
-    if foreign:
-        raise UsageError(f"{path} holds rows of another run, so --resume would mix them: "
-                         f"{why_foreign(foreign[0], planned)}. Use the same model and settings as that run, or "
-                         "choose a new --output")
-    done = {row.config_hash: row for row in rows if row.status != "interrupted"}
-    if len(done) < len(rows):
-        drop_interrupted(path)
-    return done
-
-
-def why_foreign(row: RunResult, planned: Sequence[RunResult]) -> str:
-    """What differs between a row in the file and this run's configurations."""
-    models = sorted({p.model for p in planned})
-    if row.model not in models:
-        return f"its model is {row.model!r}, this run's is {models[0]!r}"
-    same = [p for p in planned if p.dtype == row.dtype] or list(planned)
-    mine, theirs = same[0].settings, row.settings
-    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if not differ:
-        return f"its {row.dtype} row has configuration hash {row.config_hash}, unknown to this run"
-    shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ[:3])
-    return f"its {row.dtype} row differs in {shown}"
-
-
-def drop_interrupted(path: Path) -> None:
-    """Rewrite `path` without its interrupted rows (every other line kept byte for byte), atomically."""
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
-        try:
-            interrupted = json.loads(line).get("status") == "interrupted"
-        except (ValueError, AttributeError):
-            interrupted = False
-        if not interrupted:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    write_atomic(path, "".join(kept).encode("utf-8"))
-
-
 @contextmanager
 def terminate_as_interrupt():
     """SIGTERM (and SIGHUP) raise KeyboardInterrupt, as Ctrl-C does, so every way of stopping a sweep ends the
@@ -256,6 +182,26 @@ def planned_row(config: RunConfig, quality_skipped: str | None = None) -> RunRes
                      quality={"skipped": f"quality not measured: {quality_skipped}"} if quality_skipped else {})
 
 
+# NOTE: blocked while the worker starts, so it inherits the block: Ctrl-C (sent to the whole process group), SIGTERM
+# and SIGHUP then reach only the parent, which kills the worker and records its row as interrupted. A worker hit
+# while its interpreter starts would print a traceback, or die first and leave an "error" row that --resume keeps.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextmanager
+def signals_blocked(signals: frozenset):
+    """Block `signals` in this thread (pending ones arrive when it ends); a process started meanwhile keeps the
+    block for its whole life."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase: Callable[[str], None]) -> RunResult:
     """Spawn the worker for `config`, relay its phases, and build the row from its answer or its death."""
     context = multiprocessing.get_context("spawn")
@@ -270,10 +216,11 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
     process = context.Process(target=worker.child_main, args=(config.as_dict(), sender, str(log_path),
                                                               str(output_dir)),
                               name=f"falconbench-{config.dtype}")
-    process.start()
-    sender.close()  # the child holds the only writer now: its exit ends our reads
     result = None
     try:
+        with signals_blocked(STOP_SIGNALS):
+            process.start()
+        sender.close()  # the child holds the only writer now: its exit ends our reads
         while True:
             try:
                 message = receiver.recv()
@@ -285,8 +232,9 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
                 result = message
         process.join()
     except KeyboardInterrupt as stop:
-        process.kill()
-        process.join()
+        if process.pid is not None:
+            process.kill()
+            process.join()
         how = f"by {stop.args[0]}" if stop.args else "by the user (Ctrl-C)"
         append_result(output_dir / RESULTS_FILE, finish(base, "interrupted", f"interrupted {how}", {}))
         raise
@@ -294,13 +242,26 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
         if process.is_alive():  # any other way out of this function: never leave the worker running
             process.kill()
             process.join()
+        sender.close()
         receiver.close()
     if result is None:
-        return finish(base, "error", death_message(process.exitcode, log_path), {})
+        return finish(base, death_status(process.exitcode, config.memory_cap_bytes),
+                      death_message(process.exitcode, log_path, config.memory_cap_bytes), {})
     return finish(base, result["status"], result["error"], result["fields"])
 
 
-def death_message(exitcode: int | None, log_path: Path) -> str:
+# NOTE: under RLIMIT_AS, native code that does not check its allocations crashes at the cap instead of raising
+# (seen: a segfault in the first CPU forward of a tiny Falcon); a capped worker dying of these ran out of memory.
+CAP_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+
+
+def death_status(exitcode: int | None, memory_cap_bytes: int | None = None) -> str:
+    """oom for a capped worker that crashed as allocators do at the cap, error for any other death."""
+    crashed = exitcode is not None and exitcode < 0 and -exitcode in CAP_CRASH_SIGNALS
+    return "oom" if memory_cap_bytes and crashed else "error"
+
+
+def death_message(exitcode: int | None, log_path: Path, memory_cap_bytes: int | None = None) -> str:
     """Why a worker ended without a result: a signal (exit code < 0) or an exit status."""
     if exitcode is not None and exitcode < 0:
         try:
@@ -308,6 +269,9 @@ def death_message(exitcode: int | None, log_path: Path) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         hint = " (on Linux, usually the out-of-memory killer)" if -exitcode == signal.SIGKILL else ""
+        if death_status(exitcode, memory_cap_bytes) == "oom":
+            hint = (f" at its --memory-cap of {memory_cap_bytes:,} bytes (a library crashed there instead of "
+                    "failing cleanly)")
         return f"the worker process was killed by {name}{hint}. See {log_path}"
     return f"the worker process exited with code {exitcode} without a result. See {log_path}"
 

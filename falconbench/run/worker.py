@@ -7,6 +7,7 @@ failure, so an out-of-memory row still says what loading cost.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -87,6 +88,7 @@ def redirect_output(path: str) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
+    faulthandler.enable()  # a crash in native code (a segfault at a --memory-cap) leaves its Python stack here
 
 
 def is_oom(exc: BaseException) -> bool:
