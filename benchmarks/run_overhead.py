@@ -29,18 +29,38 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--times", type=int, default=5, help="configurations measured (each a fresh process)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_config(Path(tmp) / "tiny-falcon", TINY_FALCON))
         config = RunConfig(model, args.dtype, device=args.device, random_weights=args.model is None
                            or not (Path(args.model) / "model.safetensors").exists(),
                            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
-        marks: list[tuple[str, float]] = []
-        start = time.perf_counter()
-        mark = lambda event: marks.append((event.phase or event.kind, time.perf_counter()))  # noqa: E731
-        row = run_sweep([config], Path(tmp) / "out", mark)[0]
-        total = time.perf_counter() - start
-    report(row, marks, start, total)
+        trials = []
+        for trial in range(args.times):
+            marks: list[tuple[str, float]] = []
+            start = time.perf_counter()
+            mark = lambda event: marks.append((event.phase or event.kind, time.perf_counter()))  # noqa: E731
+            row = run_sweep([config], Path(tmp) / f"out-{trial}", mark)[0]
+            trials.append((row, marks, start, time.perf_counter() - start))
+    for row, marks, start, total in trials[:1]:
+        report(row, marks, start, total)
+    summarize(trials)
+
+
+def summarize(trials) -> None:
+    """Median and range over the trials of start-to-result, and of the part spent outside the measured phases."""
+    import statistics
+
+    totals = [total for _, _, _, total in trials]
+    measured = [row.load_seconds + sum(row.latency["ttft_seconds"]["samples"])
+                + sum(row.latency.get("decode_token_seconds", {}).get("samples", [])) for row, *_ in trials]
+    outside = [t - m for t, m in zip(totals, measured)]
+    imports = [dict(marks)["load"] - dict(marks)["start"] for _, marks, _, _ in trials]
+    print(f"over {len(trials)} configurations: start to result median {statistics.median(totals):.3f} s "
+          f"(min {min(totals):.3f}, max {max(totals):.3f}); outside the measured phases median "
+          f"{statistics.median(outside):.3f} s (min {min(outside):.3f}, max {max(outside):.3f}), of which process "
+          f"start and imports median {statistics.median(imports):.3f} s")
 
 
 def report(row, marks, start: float, total: float) -> None:
