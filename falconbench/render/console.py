@@ -17,12 +17,26 @@ _console: Console | None = None
 _err_console: Console | None = None
 
 
+# NOTE: rich lays out for 80 columns when stdout is a pipe or a file, which cuts the wide tables to "Dt…"; a
+# log or `| tee` wants whole cells, so without a terminal (and without COLUMNS) the tables get this width.
+PIPE_WIDTH = 200
+
+
 def console() -> Console:
     """The stdout Console. Width and colour follow COLUMNS and NO_COLOR, so tests can pin them."""
     global _console
     if _console is None:
-        _console = Console(highlight=False, soft_wrap=False)
+        _console = Console(highlight=False, soft_wrap=False, width=_pipe_width())
     return _console
+
+
+def _pipe_width() -> int | None:
+    """PIPE_WIDTH when stdout is not a terminal and COLUMNS is unset; None lets rich measure the terminal."""
+    import sys
+
+    if os.environ.get("COLUMNS") or (sys.stdout is not None and sys.stdout.isatty()):
+        return None
+    return PIPE_WIDTH
 
 
 def err_console() -> Console:
