@@ -97,6 +97,7 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
         err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
                             "permissions. Use it only for code you have read or trust.", style="bold red",
                             markup=False, highlight=False)
+    announce_conversion(model)
     progress = render.RunProgress()
     try:
         with progress:
@@ -124,6 +125,16 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
     write_run_report(outcome.output_dir)
+
+
+def announce_conversion(model: str) -> None:
+    """Say so before a bundled model is converted on its first use (it takes a while, once)."""
+    from ..zoo import ZOO, cached_model_dir
+
+    name = model.strip().lower()
+    if name in ZOO and cached_model_dir(name) is None:
+        err_console().print(f"Converting {name} from the {ZOO[name].distribution} package into a cached folder "
+                            "(once; about 30 s on 2 cores)...", markup=False, highlight=False)
 
 
 def write_run_report(output_dir) -> None:
