@@ -2,7 +2,8 @@
 measurement, for every scheme.
 
 Needs a CUDA GPU with torch, transformers, accelerate and bitsandbytes; about 16 GiB of GPU memory for bf16.
-Each scheme runs in its own process through `falconbench run`'s machinery; rows land in --output.
+Each scheme runs in its own process through `falconbench run`'s machinery; rows land in --output (default: a
+new folder under reports/, so the check can run again). Runs from a checkout without installing falconbench.
 
     python benchmarks/gpu_check.py                       # falcon-7b, 512 + 64 tokens
     python benchmarks/gpu_check.py --model falcon-40b --dtype int8,nf4
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+# NOTE: the checkout's package first, so a GPU machine needs no install (the spawned workers inherit sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def require_cuda() -> None:
@@ -37,15 +41,19 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=Path("reports/gpu-check"))
+    parser.add_argument("--output", type=Path, default=None, help="default: a new folder under reports/")
     args = parser.parse_args()
     require_cuda()
+    from falconbench.errors import FalconbenchError
     from falconbench.run import run_benchmark
 
-    outcome = run_benchmark(args.model, args.dtype.split(","), device="cuda", output=args.output,
-                            random_weights=True, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                            repeats=args.repeats, on_event=lambda e: e.kind == "done" and print(
-                                f"{e.config.dtype}: {e.row.status} {e.row.error or ''}", flush=True))
+    try:
+        outcome = run_benchmark(args.model, args.dtype.split(","), device="cuda", output=args.output,
+                                random_weights=True, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                repeats=args.repeats, on_event=lambda e: e.kind == "done" and print(
+                                    f"{e.config.dtype}: {e.row.status} {e.row.error or ''}", flush=True))
+    except FalconbenchError as error:
+        sys.exit(f"gpu_check: {error}")
     print_comparison(outcome.rows)
     print(f"rows: {outcome.results_path}")
 

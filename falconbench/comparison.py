@@ -185,9 +185,10 @@ def _latency_fields(result: RunResult, batch: int) -> dict[str, Any]:
     rate_spread = spread(latency, ("decode_tokens_per_second",))
     step = _float(as_mapping(latency.get("decode_token_seconds")).get("median"))
     step_spread = spread(latency, ("decode_token_seconds",))
-    if step is None and rate:
+    if step is None and rate is not None and rate > 0:
         step = batch / rate
-        step_spread = rate_spread and Spread(batch / rate_spread.high, batch / rate_spread.low, rate_spread.kind)
+        step_spread = Spread(batch / rate_spread.high, batch / rate_spread.low, rate_spread.kind) \
+            if rate_spread and rate_spread.low > 0 else None
     return dict(ttft_seconds=_float(result.ttft_seconds), ttft_spread=spread(latency, ("ttft_seconds", "ttft")),
                 decode_token_seconds=step, decode_token_spread=step_spread, decode_tokens_per_second=rate,
                 decode_spread=rate_spread)
@@ -229,17 +230,25 @@ def spread(latency: dict[str, Any], names: Iterable[str]) -> Spread | None:
         raw = get("samples")
         samples = [x for x in map(_float, raw) if x is not None] if isinstance(raw, list) else []
         if len(samples) >= SAMPLES_FOR_PERCENTILES:
-            return Spread(percentile(samples, 10), percentile(samples, 90), f"p10-p90 of {len(samples)} samples")
+            return _spread(percentile(samples, 10), percentile(samples, 90), f"p10-p90 of {len(samples)} samples")
         if len(samples) >= 2:
-            return Spread(min(samples), max(samples), f"min-max of {len(samples)} repeats")
+            return _spread(min(samples), max(samples), f"min-max of {len(samples)} repeats")
         p10, p90, median, cv = (_float(get(k)) for k in ("p10", "p90", "median", "cv"))
         if p10 is not None and p90 is not None and p10 <= p90:
-            return Spread(p10, p90, "p10-p90")
+            return _spread(p10, p90, "p10-p90")
         if median is not None and p90 is not None:
-            return Spread(min(median, p90), max(median, p90), "median-p90")
+            return _spread(min(median, p90), max(median, p90), "median-p90")
         if median is not None and cv is not None:
-            return Spread(median * (1 - abs(cv)), median * (1 + abs(cv)), "median ± 1 SD")
+            return _spread(median * (1 - abs(cv)), median * (1 + abs(cv)), "median ± 1 SD")
     return None
+
+
+def _spread(low: float, high: float, kind: str) -> Spread | None:
+    """A Spread of times or rates, which are never negative; None for figures no measurement gives (a damaged
+    file's), so a report shows no whisker rather than failing."""
+    if not (math.isfinite(low) and math.isfinite(high)) or not 0 <= low <= high:
+        return None
+    return Spread(low, high, kind)
 
 
 def as_mapping(value: Any) -> dict[str, Any]:

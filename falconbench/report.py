@@ -59,18 +59,30 @@ def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
         results, problems = read_results(path)
         results = latest_rows(results)
         lines = [f"invalid row skipped: {p}" for p in problems]
-        if not results:
+        shown = _scheme_rows(name, results, _run_folder(path), lines)
+        if not shown:
             lines.append(f"{_results_path(path)}: no valid row")
         device = _device_name(results)
-        runs.append(RunInfo(name, f"{name} ({device})" if device else name, str(path), device, len(results),
+        runs.append(RunInfo(name, f"{name} ({device})" if device else name, str(path), device, len(shown),
                             tuple(lines)))
-        rows += [scheme_row(name, r, _run_folder(path)) for r in results]
+        rows += shown
     if not rows:
         detail = "; ".join(p for run in runs for p in run.problems)
         raise ResultsError(f"no valid results row in {', '.join(map(str, paths))} ({detail}). Pass the folder of "
                            "a run that finished at least one configuration, or rerun `falconbench run`")
     curves, notes = context_curves(rows)
     return Comparison(tuple(runs), tuple(rows), curves, capacity_gpus([r.device_name for r in runs]), notes)
+
+
+def _scheme_rows(name: str, results: Sequence[RunResult], folder: Path, lines: list[str]) -> list[SchemeRow]:
+    """The report's rows of one run; a row whose figures cannot be shown is a line in `lines`, never a crash."""
+    rows = []
+    for result in results:
+        try:
+            rows.append(scheme_row(name, result, folder))
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            lines.append(f"invalid row skipped: {folder / RESULTS_FILE}: {result.model} {result.dtype}: {exc}")
+    return rows
 
 
 def _results_path(path: Path) -> Path:

@@ -282,9 +282,11 @@ def test_quality_is_tabled_and_plotted(measured):
     result = write_report([measured])
     assert (measured / "quality.png").is_file()
     md = (measured / "report.md").read_text()
-    assert "| Dtype | Status | PPL | Δ PPL [CI] | KL | KL p95 | Top-1 | Greedy diverges |" in md
+    assert "| Dtype | Status | PPL | Δ PPL % [CI] | KL | KL p95 | Top-1 | Greedy diverges |" in md
     assert "| nf4 | ok | 10.60 | +6.0% [+5.0, +7.0] | 0.0060 | 0.0300 | 98.8% | token 4 |" in md
     assert "| bf16 | ok | 10.00 | +0.0% [-1.0, +1.0] | 0.0000 | 0.0000 | 100.0% | none of 32 |" in md
+    assert "vs plan: (measured − planned) / planned" in md
+    assert "Δ PPL % is (perplexity − the reference's) / the reference's" in md
     assert "| nf4-dq | oom | - | - |" in md and result.lines == ("a100: falcon-7b nf4-dq oom: CUDA out of memory",)
 
 
@@ -333,6 +335,36 @@ def test_values_of_the_wrong_type_are_dropped_not_trusted(tmp_path):
     (row,) = load_comparison([folder]).rows
     assert row.weights_bytes is None and row.kv_cache_bytes is None and row.ttft_seconds is None
     assert row.perplexity_change_ci is None and row.batch == 1
+
+
+def test_impossible_timings_leave_out_their_spread_not_the_report(tmp_path):
+    """A zero or negative timing in a damaged file must not stop the report (a rate of 0 was a division by zero,
+    a negative median a refused spread)."""
+    folder = write_rows(tmp_path / "run", [
+        make_row("bf16", latency={"decode_tokens_per_second": {"samples": [0.0, 5.0]}}),
+        make_row("nf4", latency={"ttft_seconds": {"median": -1.0, "cv": 0.1}})])
+    bf16, nf4 = load_comparison([folder]).rows
+    assert bf16.decode_token_seconds == pytest.approx(1 / 20) and bf16.decode_token_spread is None
+    assert bf16.decode_spread == Spread(0.0, 5.0, "min-max of 2 repeats")
+    assert nf4.ttft_spread is None and nf4.ttft_seconds == 0.05
+
+
+def test_a_row_that_cannot_be_shown_is_a_line_not_a_crash(tmp_path, monkeypatch):
+    from falconbench import report
+
+    folder = write_rows(tmp_path / "run", [make_row("bf16"), make_row("nf4")])
+    real = report.scheme_row
+
+    def failing(run, result, folder=None):
+        if result.dtype == "nf4":
+            raise ValueError("a figure no run writes")
+        return real(run, result, folder)
+
+    monkeypatch.setattr(report, "scheme_row", failing)
+    comparison = load_comparison([folder])
+    assert [r.dtype for r in comparison.rows] == ["bf16"] and comparison.runs[0].rows == 1
+    assert comparison.problems == (f"invalid row skipped: {folder / 'results.jsonl'}: falcon-7b nf4: a figure no "
+                                   "run writes",)
 
 
 def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):

@@ -103,6 +103,32 @@ def test_fixed_length_generation_and_measured_kv_cache(model, request):
     assert footprint.kv_cache_bytes(run.cache) == planned_kv_bytes(spec, context=14, batch=2, kv_bytes=2)
 
 
+def test_an_earlier_repeat_leaves_no_kv_cache_behind(tiny_falcon_config, monkeypatch):
+    """Each timed run starts with no earlier run's KV cache alive, so its peaks hold one cache, not one per
+    repeat; the last run's cache is still measured."""
+    import weakref
+
+    from falconbench.run import decode
+
+    generate, caches = decode.generate_fixed, []
+
+    def watched(model, ids, new_tokens, tracker, track=True):
+        assert [ref for ref in caches if ref() is not None] == [], "an earlier run's KV cache is still alive"
+        run = generate(model, ids, new_tokens, tracker, track)
+        caches.append(weakref.ref(run.cache))
+        return run
+
+    monkeypatch.setattr(decode, "generate_fixed", watched)
+    config = RunConfig(str(tiny_falcon_config), "bf16", random_weights=True, prompt_tokens=8, new_tokens=4,
+                       repeats=3, warmup=1)
+    tracker = CpuTracker()
+    tracker.start()
+    fields = {"memory": {}, "latency": {}}
+    worker.speed_phase(config, build(tiny_falcon_config, "bf16").model, tracker, lambda *a, **k: None, fields)
+    spec = resolve_model(str(tiny_falcon_config)).spec()
+    assert len(caches) == 4 and fields["kv_cache_bytes"] == planned_kv_bytes(spec, context=11, batch=1, kv_bytes=2)
+
+
 def test_cpu_4bit_shape_check_names_the_layer():
     loading.check_cpu_4bit_shapes([("h.0.mlp.up", 64), ("h.0.attn.qkv", 4672)])
     with pytest.raises(RunError, match=r"multiple of 32.*not: h\.0\.attn\.qkv \(100 outputs\)\. .*on CUDA"):
@@ -123,6 +149,7 @@ def test_out_of_memory_is_told_apart_from_other_errors():
     assert worker.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert worker.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                       "memory: you tried to allocate 1099511627776 bytes"))
+    assert worker.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not worker.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert worker.describe(ValueError("bad\n  value")) == "ValueError: bad value"
     assert worker.describe(RunError("what. how")) == "what. how"

@@ -34,25 +34,26 @@ ROWS = [
 
 EXPECTED = """\
 falconbench run: tiny on cpu (Test CPU), prompt 16 + 8 new tokens, batch 1, 3 repeats
- Dtype  Status  Quant.    Weights  ×bf16  Plan err  KV cache  Plan err    Peak  ×bf16    Planned
-─────────────────────────────────────────────────────────────────────────────────────────────────
- bf16   ok         0/8  737.6 KiB  1.00×     -0.0%   5.8 KiB     +0.0%  16 MiB  1.00×    825 KiB
- nf4    ok         8/8  255.1 KiB  0.35×     -0.0%   5.8 KiB     +0.0%  12 MiB  0.75×  342.4 KiB
- int8   oom          -          -      -         -         -         -       -      -  496.4 KiB
+ Dtype  Status  Quant.    Weights  ×bf16   Δplan  KV cache  Δplan    Peak  ×bf16    Planned     Δplan
+──────────────────────────────────────────────────────────────────────────────────────────────────────
+ bf16   ok         0/8  737.6 KiB  1.00×  +128 B   5.8 KiB  exact  16 MiB  1.00×    825 KiB  +1885.9%
+ nf4    ok         8/8  255.1 KiB  0.35×  +128 B   5.8 KiB  exact  12 MiB  0.75×  342.4 KiB  +3489.0%
+ int8   oom          -          -      -       -         -      -       -      -  496.4 KiB         -
  Dtype  Status      Load    TTFT  TTFT p90  ×bf16  Decode tok/s  ×bf16  Token p90  Token CV
 ────────────────────────────────────────────────────────────────────────────────────────────
  bf16   ok      250.0 ms  4.0 ms    5.0 ms  1.00×         250.0  1.00×     4.5 ms     10.0%
  nf4    ok      500.0 ms  8.0 ms    9.0 ms  2.00×         125.0  0.50×     9.0 ms      5.0%
  int8   oom            -       -         -      -             -      -          -         -
-Plan err = (planned − measured) / measured. Planned: the planner's total (weights, KV cache,
-runtime estimate).
+Δplan: (measured − planned) / planned, in bytes where a percentage would round to zero;
+Planned is the planner's total (weights, KV cache, runtime estimate), set against the
+measured Peak.
 Peak: peak RSS − baseline. TTFT (prefill) and Decode: medians over the repeats; Token: one
 decode step.
 int8: oom: RuntimeError: [enforce fail] can't allocate memory
 """
 
 
-def render(rows, width=100):
+def render(rows, width=110):
     console = Console(file=io.StringIO(), width=width, color_system=None)
     for table in run_tables(rows):
         console.print(table)
@@ -109,3 +110,26 @@ def test_cuda_without_a_gpu_is_refused_up_front(tmp_path):
     result = CliRunner().invoke(cli, ["run", "-m", "falcon-7b", "--random-weights", "--device", "cuda",
                                       "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "sees no CUDA GPU" in result.output and "--device cpu" in result.output
+
+
+def test_peak_names_its_source_on_cuda():
+    from dataclasses import replace
+
+    cuda = [replace(r, device="cuda", memory={"peak_source": "NVML device used - baseline"}) for r in ROWS[:2]]
+    assert "Peak: NVML device used − pre-run baseline." in render(cuda, width=200)
+    no_nvml = [replace(r, memory={"peak_source": "torch peak reserved (no NVML)"}) for r in cuda]
+    text = render(no_nvml, width=200)
+    assert "Peak: torch peak reserved (no NVML" in text and "NVML device used" not in text
+
+
+def test_quality_table_says_its_delta_is_absolute():
+    from dataclasses import replace
+
+    quality = {"reference": "bf16", "scored_tokens": 511, "eval_text": "text", "token_hash": "abc", "window": 256,
+               "stride": 128, "greedy_tokens": 32, "is_reference": False, "delta_perplexity": 0.5,
+               "delta_ci_low": 0.4, "delta_ci_high": 0.6, "kl_p99": 0.2, "divergence_position": 3}
+    rows = [replace(ROWS[0], perplexity=10.0, quality={**quality, "is_reference": True, "delta_perplexity": 0.0}),
+            replace(ROWS[1], perplexity=10.5, kl_divergence=0.01, top1_agreement=0.9, quality=quality)]
+    text = render(rows, width=200)
+    assert "+0.500 [+0.400, +0.600]" in text
+    assert "Δ PPL = perplexity − the reference's, absolute" in text

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from ..errors import FalconbenchError, UsageError
+from ..errors import UsageError
 from ..render.console import console, err_console
 from ..run.config import DEFAULT_INT8_THRESHOLD, RUN_DEVICES
 from ..schemes import SCHEMES
@@ -143,7 +143,7 @@ def write_run_report(output_dir) -> None:
 
     try:
         result = write_report([output_dir])
-    except FalconbenchError as error:
+    except Exception as error:  # noqa: BLE001 - the sweep succeeded; a report failure must not hide that
         err_console().print(f"! The report could not be written: {error}. The results are intact; retry with "
                             f"falconbench report {output_dir}", style="yellow", markup=False, highlight=False,
                             soft_wrap=True)

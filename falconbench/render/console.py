@@ -107,3 +107,16 @@ def to_markdown(headers: Sequence[str], body: Sequence[Sequence[str]], align_rig
 
 def no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
+
+
+def versus_plan(measured: int | None, planned: int | None) -> str:
+    """How far a measurement lies from the plan: "exact", a signed percentage of the plan, or the difference in
+    bytes when a percentage would round it to zero."""
+    if measured is None or not planned:
+        return "-"
+    difference = measured - planned
+    if difference == 0:
+        return "exact"
+    if abs(difference) / planned >= 0.0005:
+        return format_percent(difference / planned)
+    return ("+" if difference > 0 else "") + format_bytes(difference)

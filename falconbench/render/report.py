@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from ..comparison import Comparison, SchemeRow
-from .console import format_bytes, format_percent, format_seconds, to_csv, to_markdown
+from .console import format_bytes, format_percent, format_seconds, to_csv, to_markdown, versus_plan
 
 PLOT_TITLES = {
     "memory.png": "Memory by scheme: planned against measured",
@@ -47,26 +47,13 @@ def _divergence(row: SchemeRow) -> str:
     return f"none of {row.greedy_tokens}" if row.greedy_tokens is not None else "-"
 
 
-def _versus(measured: int | None, planned: int | None) -> str:
-    """How far a measurement lies from the plan: "exact", a signed percentage of the plan, or the difference in
-    bytes when a percentage would round it to zero."""
-    if measured is None or not planned:
-        return "-"
-    difference = measured - planned
-    if difference == 0:
-        return "exact"
-    if abs(difference) / planned >= 0.0005:
-        return format_percent(difference / planned)
-    return ("+" if difference > 0 else "") + format_bytes(difference)
-
-
 Column = tuple[str, Callable[[SchemeRow], str], bool]  # header, cell, right-aligned
 
 MEMORY_COLUMNS: tuple[Column, ...] = (
     ("Weights", lambda r: format_bytes(r.weights_bytes), True),
-    ("vs plan", lambda r: _versus(r.weights_bytes, r.planned_weights_bytes), True),
+    ("vs plan", lambda r: versus_plan(r.weights_bytes, r.planned_weights_bytes), True),
     ("KV cache", lambda r: format_bytes(r.kv_cache_bytes), True),
-    ("vs plan", lambda r: _versus(r.kv_cache_bytes, r.planned_kv_cache_bytes), True),
+    ("vs plan", lambda r: versus_plan(r.kv_cache_bytes, r.planned_kv_cache_bytes), True),
     ("Peak", lambda r: format_bytes(r.peak_memory_bytes), True),
     ("Plan total", lambda r: format_bytes(r.planned_total_bytes), True),
     ("Quantized", _quantized, True),
@@ -79,7 +66,7 @@ SPEED_COLUMNS: tuple[Column, ...] = (
 )
 QUALITY_COLUMNS: tuple[Column, ...] = (
     ("PPL", lambda r: _number(r.perplexity, ".2f"), True),
-    ("Δ PPL [CI]", _delta, True),
+    ("Δ PPL % [CI]", _delta, True),
     ("KL", lambda r: _number(r.kl_divergence, ".4f"), True),
     ("KL p95", lambda r: _number(r.kl_p95, ".4f"), True),
     ("Top-1", lambda r: format_percent(r.top1_agreement, signed=False), True),
@@ -146,9 +133,14 @@ def run_lines(comparison: Comparison) -> list[str]:
 
 def caption(comparison: Comparison) -> str:
     references = sorted({r.reference for r in comparison.rows if r.reference})
-    text = ("Peak: measured peak memory above the baseline. vs plan: measured against the planner's weights "
-            "and KV cache. Plan total adds the planner's runtime estimate.")
-    return text + (f" Quality against {', '.join(references)}." if references else "")
+    text = ("Peak: measured peak memory above the baseline. vs plan: (measured − planned) / planned for the "
+            "weights and KV cache, in bytes where a percentage would round to zero. Plan total adds the planner's "
+            "runtime estimate.")
+    if not references:
+        return text
+    return text + (f" Quality against {', '.join(references)}: Δ PPL % is (perplexity − the reference's) / the "
+                   "reference's, in %, with its bootstrap confidence interval in brackets (falconbench run shows "
+                   "it absolute).")
 
 
 def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems: Sequence[str] = ()) -> str:

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from ..results import RunResult
 from ..run.orchestrator import Event
-from ..run.stats import ratio, relative_error
-from .console import err_console, format_bytes, format_percent, format_seconds, to_json
+from ..run.stats import ratio
+from .console import err_console, format_bytes, format_percent, format_seconds, to_json, versus_plan
 
 JSON_FIELDS = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
                "planned_kv_cache_bytes", "peak_memory_bytes", "planned_total_bytes", "load_seconds", "ttft_seconds",
@@ -79,11 +79,12 @@ def memory_cells(row: RunResult, ref: RunResult) -> list[str]:
     return [
         row.dtype, _status(row), quantized, format_bytes(row.weights_bytes),
         _times(row.weights_bytes, ref.weights_bytes),
-        format_percent(relative_error(row.planned_weights_bytes, row.weights_bytes)),
+        versus_plan(row.weights_bytes, row.planned_weights_bytes),
         format_bytes(row.kv_cache_bytes),
-        format_percent(relative_error(row.planned_kv_cache_bytes, row.kv_cache_bytes)),
+        versus_plan(row.kv_cache_bytes, row.planned_kv_cache_bytes),
         format_bytes(row.peak_memory_bytes), _times(row.peak_memory_bytes, ref.peak_memory_bytes),
         format_bytes(row.planned_total_bytes),
+        versus_plan(row.peak_memory_bytes, row.planned_total_bytes),
     ]
 
 
@@ -97,8 +98,8 @@ def speed_cells(row: RunResult, ref: RunResult) -> list[str]:
     ]
 
 
-MEMORY_HEADERS = ("Dtype", "Status", "Quant.", "Weights", "×{ref}", "Plan err", "KV cache", "Plan err", "Peak",
-                  "×{ref}", "Planned")
+MEMORY_HEADERS = ("Dtype", "Status", "Quant.", "Weights", "×{ref}", "Δplan", "KV cache", "Δplan", "Peak", "×{ref}",
+                  "Planned", "Δplan")
 SPEED_HEADERS = ("Dtype", "Status", "Load", "TTFT", "TTFT p90", "×{ref}", "Decode tok/s", "×{ref}",
                  "Token p90", "Token CV")
 
@@ -122,16 +123,16 @@ def quality_cells(row: RunResult) -> list[str]:
     delta = "-" if q.get("delta_perplexity") is None else f"{q['delta_perplexity']:+.3f}{interval}"
     divergence = q.get("divergence_position")
     diverges = "-" if "greedy_tokens" not in q else (f"token {divergence}" if divergence is not None
-                                                      else f"never ({q['greedy_tokens']})")
+                                                      else f"none of {q['greedy_tokens']}")
     return [row.dtype, _status(row), _number(row.perplexity, ".3f"), delta, _number(row.kl_divergence, ".4f"),
-            _number(q.get("kl_p99"), ".3f"), format_percent(row.top1_agreement, signed=False), diverges]
+            _number(q.get("kl_p95"), ".4f"), format_percent(row.top1_agreement, signed=False), diverges]
 
 
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-QUALITY_HEADERS = ("Dtype", "Status", "PPL", "Δ PPL [95% CI]", "KL mean", "KL p99", "Top-1", "Diverges at")
+QUALITY_HEADERS = ("Dtype", "Status", "PPL", "Δ PPL [95% CI]", "KL mean", "KL p95", "Top-1", "Diverges at")
 
 
 def run_tables(rows: Sequence[RunResult]) -> list[Table]:
@@ -154,7 +155,8 @@ def run_tables(rows: Sequence[RunResult]) -> list[Table]:
 def _quality_caption(rows: Sequence[RunResult]) -> str:
     q = next(r.quality for r in rows if r.perplexity is not None)
     lines = [f"Quality against {q['reference']} on {q['scored_tokens']:,} scored tokens of {escape(q['eval_text'])} "
-             f"(tokens {q['token_hash']}, window {q['window']}, stride {q['stride']}). KL(reference ‖ scheme) in nats "
+             f"(tokens {q['token_hash']}, window {q['window']}, stride {q['stride']}). Δ PPL = perplexity − the "
+             "reference's, absolute (falconbench report shows it relative, in %). KL(reference ‖ scheme) in nats "
              f"per token; Diverges at: first greedy token of {q['greedy_tokens']} that differs."]
     lines += [f"{r.dtype}: {escape(r.quality['skipped'])}" for r in rows if r.quality.get("skipped")]
     return "\n".join(lines)
@@ -170,10 +172,21 @@ def _title(rows: Sequence[RunResult]) -> str:
             f"{s.get('new_tokens')} new tokens, batch {s.get('batch')}, {s.get('repeats')} repeats")
 
 
+def _peak_meaning(rows: Sequence[RunResult]) -> str:
+    """What Peak is: on CUDA, NVML's device use, or torch's peak reserved where the worker had no NVML (the
+    source the tracker recorded); on CPU, the resident set."""
+    if rows[0].device != "cuda":
+        return "peak RSS − baseline"
+    sources = [r.memory.get("peak_source") for r in rows if isinstance(r.memory, dict)]
+    if any(isinstance(s, str) and s.startswith("torch") for s in sources):
+        return "torch peak reserved (no NVML, so the CUDA context is not counted)"
+    return "NVML device used − pre-run baseline"
+
+
 def _caption(rows: Sequence[RunResult]) -> str:
-    peak = "NVML device used − pre-run baseline" if rows[0].device == "cuda" else "peak RSS − baseline"
-    lines = ["Plan err = (planned − measured) / measured. Planned: the planner's total (weights, KV cache, "
-             "runtime estimate).",
+    peak = _peak_meaning(rows)
+    lines = ["Δplan: (measured − planned) / planned, in bytes where a percentage would round to zero; Planned is "
+             "the planner's total (weights, KV cache, runtime estimate), set against the measured Peak.",
              f"Peak: {peak}. TTFT (prefill) and Decode: medians over the repeats; Token: one decode step."]
     noisy = [r.dtype for r in rows if (_detail(r, "decode_token_seconds", "cv") or 0) > NOISY_CV]
     if noisy:

@@ -22,7 +22,9 @@ from .config import RunConfig
 from .stats import summarize
 
 Emit = Callable[..., None]
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+# NOTE: "alloc_failed": cuBLAS's CUBLAS_STATUS_ALLOC_FAILED, how a GPU out of memory shows when a handle or
+# workspace cannot be allocated (a RuntimeError, not torch.cuda.OutOfMemoryError)
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate", "alloc_failed")
 
 
 def child_main(config: dict[str, Any], conn, log_path: str | None = None, output_dir: str | None = None) -> None:
@@ -206,6 +208,10 @@ def speed_phase(config: RunConfig, model, tracker, emit: Emit, fields: dict[str,
     runs = []
     for number in range(config.repeats):
         emit("phase", phase=f"prefill+decode {number + 1}/{config.repeats}")
+        if runs:
+            # NOTE: only the last run's cache is measured; an earlier one kept alive would sit in memory during
+            # this run and add a whole KV cache per repeat to its prefill and decode peaks.
+            runs[-1].cache = None
         runs.append(generate_fixed(model, ids, config.new_tokens, tracker))
     last = runs[-1]
     fields["kv_cache_bytes"] = footprint.kv_cache_bytes(last.cache)
