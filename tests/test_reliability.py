@@ -798,3 +798,22 @@ def test_a_failed_download_is_one_clear_error(hub_cache, tmp_path, monkeypatch):
                                       "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and one_error_line(result.output)
     assert "Error: could not download someone/tiny-falcon from the Hugging Face hub (Cannot reach" in result.output
+
+
+def test_each_row_is_synced_as_one_whole_line(tmp_path, monkeypatch):
+    """append_result ends each row with its newline and fsyncs it before returning."""
+    synced = []
+    real_fsync = results_module.os.fsync
+    monkeypatch.setattr(results_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / RESULTS_FILE
+    append_result(path, RunResult(model="m", dtype="bf16", status="ok", config_hash="h1"))
+    append_result(path, RunResult(model="m", dtype="nf4", status="oom", config_hash="h2"))
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(synced) == 2 and len(lines) == 2 and all(line.endswith("}\n") for line in lines)
+    rows, problems = read_results(path)
+    assert not problems and [r.status for r in rows] == ["ok", "oom"]
+
+
+def test_an_fp32_reference_is_stored_in_float32():
+    assert RunConfig("m", "bf16", quality=True, reference="fp32").quality_spec().logprob_dtype == "float32"
+    assert RunConfig("m", "bf16", quality=True).quality_spec().logprob_dtype == "float16"

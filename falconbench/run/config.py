@@ -93,8 +93,11 @@ class RunConfig:
         from ..quality.spec import QualitySpec
 
         get_scheme(self.reference)
+        # NOTE: an fp32 reference keeps its log-probabilities in float32; float16 storage would round away the
+        # precision that made it the reference
         return QualitySpec(reference=self.reference, eval_text=Path(self.eval_text) if self.eval_text else None,
-                           eval_tokens=self.eval_tokens, window=self.window, stride=self.stride, seed=self.seed)
+                           eval_tokens=self.eval_tokens, window=self.window, stride=self.stride, seed=self.seed,
+                           logprob_dtype="float32" if self.reference == "fp32" else "float16")
 
     def settings(self) -> dict[str, Any]:
         """Every knob of this configuration, as recorded in its row and hashed into its config_hash."""
