@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from falconbench.run import footprint  # noqa: E402
-from falconbench.run.trackers import CpuTracker, CudaTracker, PeakSampler, ProcRss, make_tracker, timed  # noqa: E402
+from falconbench.run.trackers import CpuTracker, CudaTracker, PeakSampler, make_tracker, timed  # noqa: E402
 from falconbench.schemes import get_scheme  # noqa: E402
 
 MIB = 2**20
@@ -26,23 +26,29 @@ def calibrated(peak: int) -> bool:
     return CALIBRATION_SIZE - CALIBRATION_BELOW <= peak <= CALIBRATION_SIZE + CALIBRATION_ABOVE
 
 
-def allocate_and_free(size: int) -> None:
-    block = torch.ones(size // 4, dtype=torch.float32)  # written, so every page is resident
-    assert block.numel() * 4 == size
-    del block
-
-
-def measure_in_a_fresh_process(sizes: list[int]) -> dict:
+def measure_in_a_fresh_process(sizes: list[int], sampled: bool = False) -> dict:
     """Per-phase peaks above the baseline in a new interpreter, as the worker measures: a long-lived test process
-    keeps freed blocks in its allocator's arenas, so a new allocation there may not raise the RSS at all."""
+    keeps freed blocks in its allocator's arenas, so a new allocation there may not raise the RSS at all.
+
+    `sampled`: as on a system without clear_refs, so the tracker samples RSS on a thread; each tensor is then held
+    until the sampler has seen it (10 s at most)."""
     code = f"""
-import json, torch
-from falconbench.run.trackers import CpuTracker
-tracker = CpuTracker()
+import json, time, torch
+from falconbench.run.trackers import CpuTracker, ProcRss
+
+class NoKernelPeak(ProcRss):
+    def reset_peak(self):
+        return False
+
+tracker = CpuTracker(rss=NoKernelPeak(), interval=0.001) if {sampled!r} else CpuTracker()
 tracker.start()
 for index, size in enumerate({sizes!r}):
     tracker.begin(str(index))
-    block = torch.ones(size // 4, dtype=torch.float32)
+    block = torch.ones(size // 4, dtype=torch.float32)  # written, so every page is resident
+    deadline = time.monotonic() + 10
+    while tracker._sampler is not None and tracker._sampler.peak < tracker.baseline + size * 0.9 \\
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
     del block
     tracker.end(str(index))
 print(json.dumps({{"source": tracker.summary()["peak_source"], "peak": tracker.peak_bytes(),
@@ -66,26 +72,10 @@ def test_cpu_peaks_are_per_phase():
     assert calibrated(big) and small < CALIBRATION_SIZE // 2
 
 
-class NoKernelPeak(ProcRss):
-    """Real RSS, but as on a system without clear_refs: the tracker must sample."""
-
-    def reset_peak(self) -> bool:
-        return False
-
-
 def test_sampled_peak_shows_a_held_tensor_of_known_size():
-    tracker = CpuTracker(rss=NoKernelPeak(), interval=0.001)
-    tracker.start()
-    tracker.begin("work")
-    block = torch.ones(CALIBRATION_SIZE // 4)
-    deadline = time.monotonic() + 10
-    while tracker._sampler.peak < tracker.baseline + CALIBRATION_SIZE - CALIBRATION_BELOW \
-            and time.monotonic() < deadline:
-        time.sleep(0.005)  # hold the tensor until the sampling thread has seen it
-    del block
-    tracker.end("work")
-    assert tracker.summary()["peak_source"] == "sampled RSS"
-    assert calibrated(tracker.peak_bytes()), tracker.peak_bytes() / MIB
+    measured = measure_in_a_fresh_process([CALIBRATION_SIZE], sampled=True)
+    assert measured["source"] == "sampled RSS"
+    assert calibrated(measured["peak"]), measured["peak"] / MIB
 
 
 class FakeCuda:
