@@ -105,7 +105,7 @@ def test_report_from_the_recorded_results_writes_every_file(recorded):
         assert 500 <= width <= 2500 and 300 <= height <= 2500, (name, width, height)
 
     md = (recorded / "report.md").read_text()
-    assert "| Dtype | Status | Weights | vs plan | KV cache | vs plan | Peak | Plan total | Quantized |" in md
+    assert "| Dtype | Status | Weights | Δplan | KV cache | Δplan | Peak | Plan total | Quantized |" in md
     assert "| Dtype | Status | Load | TTFT | Decode step | Decode tok/s |" in md
     for row in rows:
         assert re.search(rf"^\| {re.escape(row.dtype)} \| {row.status} \|", md, re.M), row.dtype
@@ -285,7 +285,7 @@ def test_quality_is_tabled_and_plotted(measured):
     assert "| Dtype | Status | PPL | Δ PPL % [CI] | KL | KL p95 | Top-1 | Greedy diverges |" in md
     assert "| nf4 | ok | 10.60 | +6.0% [+5.0, +7.0] | 0.0060 | 0.0300 | 98.8% | token 4 |" in md
     assert "| bf16 | ok | 10.00 | +0.0% [-1.0, +1.0] | 0.0000 | 0.0000 | 100.0% | none of 32 |" in md
-    assert "vs plan: (measured − planned) / planned" in md
+    assert "Δplan: (measured − planned) / planned" in md
     assert "Δ PPL % is (perplexity − the reference's) / the reference's" in md
     assert "| nf4-dq | oom | - | - |" in md and result.lines == ("a100: falcon-7b nf4-dq oom: CUDA out of memory",)
 
@@ -392,4 +392,4 @@ def test_memory_against_the_plan_is_exact_a_percentage_or_bytes(tmp_path, weight
 
     folder = write_rows(tmp_path / "run", [make_row(weights_bytes=weights)])
     memory = report_cells(load_comparison([folder]))[0]
-    assert memory.title == "Memory" and memory.body[0][memory.headers.index("vs plan")] == shown
+    assert memory.title == "Memory" and memory.body[0][memory.headers.index("Δplan")] == shown

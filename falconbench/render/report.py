@@ -51,9 +51,9 @@ Column = tuple[str, Callable[[SchemeRow], str], bool]  # header, cell, right-ali
 
 MEMORY_COLUMNS: tuple[Column, ...] = (
     ("Weights", lambda r: format_bytes(r.weights_bytes), True),
-    ("vs plan", lambda r: versus_plan(r.weights_bytes, r.planned_weights_bytes), True),
+    ("Δplan", lambda r: versus_plan(r.weights_bytes, r.planned_weights_bytes), True),
     ("KV cache", lambda r: format_bytes(r.kv_cache_bytes), True),
-    ("vs plan", lambda r: versus_plan(r.kv_cache_bytes, r.planned_kv_cache_bytes), True),
+    ("Δplan", lambda r: versus_plan(r.kv_cache_bytes, r.planned_kv_cache_bytes), True),
     ("Peak", lambda r: format_bytes(r.peak_memory_bytes), True),
     ("Plan total", lambda r: format_bytes(r.planned_total_bytes), True),
     ("Quantized", _quantized, True),
@@ -133,7 +133,7 @@ def run_lines(comparison: Comparison) -> list[str]:
 
 def caption(comparison: Comparison) -> str:
     references = sorted({r.reference for r in comparison.rows if r.reference})
-    text = ("Peak: measured peak memory above the baseline. vs plan: (measured − planned) / planned for the "
+    text = ("Peak: measured peak memory above the baseline. Δplan: (measured − planned) / planned for the "
             "weights and KV cache, in bytes where a percentage would round to zero. Plan total adds the planner's "
             "runtime estimate.")
     if not references:
