@@ -117,3 +117,12 @@ def test_settings_are_json():
     assert json.loads(json.dumps(settings)) == settings
     assert settings["kv_dtype"] == "bf16" and settings["torch_dtype"] == "bfloat16"
     assert RunConfig("falcon-7b", "fp32").settings()["kv_dtype"] == "fp32"
+
+
+def test_a_missing_eval_text_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        RunConfig("m", "bf16", quality=True, eval_text=str(tmp_path / "missing.txt"))
+    text = tmp_path / "mine.txt"
+    text.write_text("Some prose to score.")
+    assert RunConfig("m", "bf16", quality=True, eval_text=str(text)).quality_spec().text_path() == text
+    RunConfig("m", "bf16", quality=False, eval_text=str(tmp_path / "missing.txt"))  # not read without quality

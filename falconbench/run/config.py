@@ -67,6 +67,9 @@ class RunConfig:
             check_positive("memory cap", self.memory_cap_bytes)
         # NOTE: validated even when quality is off, so a mistyped --window or --stride is refused, not ignored
         self.quality_spec()
+        if self.quality and self.eval_text is not None and not Path(self.eval_text).expanduser().is_file():
+            raise UsageError(f"--eval-text {self.eval_text}: no such file. Pass a UTF-8 text file, or leave it out "
+                             "to score the shipped text")
         if not isinstance(self.int8_threshold, (int, float)) or not 0 <= self.int8_threshold < math.inf:
             raise UsageError(f"int8 threshold must be a finite number, 0 or more, got {self.int8_threshold!r}. "
                              f"LLM.int8's default is {DEFAULT_INT8_THRESHOLD}")
