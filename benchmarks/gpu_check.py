@@ -60,25 +60,24 @@ def main() -> None:
 
 def print_comparison(rows) -> None:
     from falconbench.planner import CUDA_CONTEXT_BYTES
-    from falconbench.render.console import format_bytes, format_percent
-    from falconbench.run.stats import relative_error
+    from falconbench.render.console import format_bytes, versus_plan
 
     env = rows[0].environment if rows else {}
     print(f"\n{rows[0].model if rows else ''} on {env.get('gpu')} (driver {env.get('driver')}, "
           f"CUDA {env.get('cuda')}), "
           f"torch {env.get('torch')}, transformers {env.get('transformers')}, bitsandbytes {env.get('bitsandbytes')}")
-    header = ("dtype", "status", "quant", "weights", "plan", "err", "kv", "plan", "err", "peak (NVML)", "plan total",
-              "err", "ctx", "ttft", "tok/s")
+    header = ("dtype", "status", "quant", "weights", "plan", "Δplan", "kv", "plan", "Δplan", "peak (NVML)",
+              "plan total", "Δplan", "ctx", "ttft", "tok/s")
     print(" | ".join(header))
     for r in rows:
         context = r.memory.get("cuda_context_bytes")
         cells = (r.dtype, r.status, f"{r.quantized_layers}/{r.linear_layers}", format_bytes(r.weights_bytes),
                  format_bytes(r.planned_weights_bytes),
-                 format_percent(relative_error(r.planned_weights_bytes, r.weights_bytes)),
+                 versus_plan(r.weights_bytes, r.planned_weights_bytes),
                  format_bytes(r.kv_cache_bytes), format_bytes(r.planned_kv_cache_bytes),
-                 format_percent(relative_error(r.planned_kv_cache_bytes, r.kv_cache_bytes)),
+                 versus_plan(r.kv_cache_bytes, r.planned_kv_cache_bytes),
                  format_bytes(r.peak_memory_bytes), format_bytes(r.planned_total_bytes),
-                 format_percent(relative_error(r.planned_total_bytes, r.peak_memory_bytes)),
+                 versus_plan(r.peak_memory_bytes, r.planned_total_bytes),
                  f"{format_bytes(context)} (plan {format_bytes(CUDA_CONTEXT_BYTES)})",
                  "-" if r.ttft_seconds is None else f"{r.ttft_seconds * 1000:.1f} ms",
                  "-" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.1f}")

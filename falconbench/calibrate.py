@@ -8,19 +8,15 @@ context. The row's quality figures (perplexity against the reference scheme) com
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ResultsError
 from .planner import kv_cache_bytes
-from .results import RunResult, latest_rows, read_results
+from .results import GPU_NAME_KEYS, RunResult, as_float, as_mapping, environment_name, latest_rows, read_results
 from .schemes import get_scheme
 from .spec import ArchSpec
-
-# Environment keys that may name the card a run measured on, most specific first.
-DEVICE_NAME_KEYS = ("gpu_name", "gpu", "cuda_device_name", "device_name")
 
 
 @dataclass(frozen=True)
@@ -76,27 +72,14 @@ def count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def real(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
-def mapping(value: Any) -> dict[str, Any]:
-    """A row's dict field, or {} when a hand-edited file put something else there."""
-    return value if isinstance(value, dict) else {}
-
-
 def measured_on(row: RunResult) -> str:
-    environment = mapping(row.environment)
-    for key in DEVICE_NAME_KEYS:
-        if isinstance(environment.get(key), str) and environment[key].strip():
-            return f"{environment[key].strip()} ({row.device})"
-    return str(row.device)
+    name = environment_name(row.environment, GPU_NAME_KEYS)
+    return f"{name} ({row.device})" if name else str(row.device)
 
 
 def run_point(spec: ArchSpec, row: RunResult) -> tuple[int, int]:
     """(context, batch) the run measured at: the batch from its settings, the context from its measured cache."""
-    batch = count(mapping(row.settings).get("batch")) or 1
+    batch = count(as_mapping(row.settings).get("batch")) or 1
     width = 4 if get_scheme(row.dtype).torch_dtype == "float32" else 2
     per_token = kv_cache_bytes(spec, 1, batch, width)
     return max(1, (count(row.kv_cache_bytes) or 0) // per_token), batch
@@ -111,13 +94,13 @@ def overhead(row: RunResult) -> int | None:
 
 
 def quality_cost(row: RunResult, ok_rows: dict[str, RunResult]) -> QualityCost:
-    quality, settings = mapping(row.quality), mapping(row.settings)
+    quality, settings = as_mapping(row.quality), as_mapping(row.settings)
     reference = quality.get("reference") or settings.get("reference")
     reference = reference if isinstance(reference, str) else None
-    ref_ppl = real(quality.get("reference_perplexity"))
+    ref_ppl = as_float(quality.get("reference_perplexity"))
     if ref_ppl is None and reference in ok_rows:
-        ref_ppl = real(ok_rows[reference].perplexity)
-    return QualityCost(real(row.perplexity), reference, ref_ppl, real(row.kl_divergence), real(row.top1_agreement))
+        ref_ppl = as_float(ok_rows[reference].perplexity)
+    return QualityCost(as_float(row.perplexity), reference, ref_ppl, as_float(row.kl_divergence), as_float(row.top1_agreement))
 
 
 def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str],
@@ -128,7 +111,7 @@ def usable_rows(folder: str, spec: ArchSpec, dtypes: Sequence[str],
     rows = latest_rows(rows)
 
     def same_config(row: RunResult) -> bool:
-        source = mapping(mapping(row.settings).get("model_source"))
+        source = as_mapping(as_mapping(row.settings).get("model_source"))
         return config_sha256 is not None and source.get("config_sha256") == config_sha256
 
     mine = [r for r in rows if str(r.model).lower() == spec.name.lower() or same_config(r)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .gpus import GPU
-from .results import STATUSES, RunResult
+from .results import STATUSES, RunResult, as_float, as_mapping
 
 # With this many samples (decode steps, say) the extremes are outliers: show p10-p90 instead of min-max.
 SAMPLES_FOR_PERCENTILES = 10
@@ -169,9 +169,9 @@ def scheme_row(run: str, result: RunResult, folder: Path | None = None) -> Schem
         peak_memory_bytes=_int(result.peak_memory_bytes), planned_weights_bytes=_int(result.planned_weights_bytes),
         planned_kv_cache_bytes=_int(result.planned_kv_cache_bytes),
         planned_total_bytes=_int(result.planned_total_bytes), quantized_layers=_int(result.quantized_layers),
-        linear_layers=_int(result.linear_layers), load_seconds=_float(result.load_seconds),
-        perplexity=_float(result.perplexity), kl_divergence=_float(result.kl_divergence),
-        top1_agreement=_float(result.top1_agreement), model_paths=_model_paths(settings, folder),
+        linear_layers=_int(result.linear_layers), load_seconds=as_float(result.load_seconds),
+        perplexity=as_float(result.perplexity), kl_divergence=as_float(result.kl_divergence),
+        top1_agreement=as_float(result.top1_agreement), model_paths=_model_paths(settings, folder),
         model_config_sha256=as_mapping(settings.get("model_source")).get("config_sha256"),
         **_latency_fields(result, batch), **_quality_fields(as_mapping(result.quality)),
     )
@@ -181,15 +181,15 @@ def _latency_fields(result: RunResult, batch: int) -> dict[str, Any]:
     """TTFT, decode step and throughput with their spreads, from `latency` as `run` records it (summaries with
     samples per metric). A step's time falls back to batch / throughput when only the rate was recorded."""
     latency = as_mapping(result.latency)
-    rate = _float(result.decode_tokens_per_second)
+    rate = as_float(result.decode_tokens_per_second)
     rate_spread = spread(latency, ("decode_tokens_per_second",))
-    step = _float(as_mapping(latency.get("decode_token_seconds")).get("median"))
+    step = as_float(as_mapping(latency.get("decode_token_seconds")).get("median"))
     step_spread = spread(latency, ("decode_token_seconds",))
     if step is None and rate is not None and rate > 0:
         step = batch / rate
         step_spread = Spread(batch / rate_spread.high, batch / rate_spread.low, rate_spread.kind) \
             if rate_spread and rate_spread.low > 0 else None
-    return dict(ttft_seconds=_float(result.ttft_seconds), ttft_spread=spread(latency, ("ttft_seconds", "ttft")),
+    return dict(ttft_seconds=as_float(result.ttft_seconds), ttft_spread=spread(latency, ("ttft_seconds", "ttft")),
                 decode_token_seconds=step, decode_token_spread=step_spread, decode_tokens_per_second=rate,
                 decode_spread=rate_spread)
 
@@ -197,13 +197,13 @@ def _latency_fields(result: RunResult, batch: int) -> dict[str, Any]:
 def _quality_fields(quality: dict[str, Any]) -> dict[str, Any]:
     """Relative perplexity change and its interval (from the absolute delta and the reference's perplexity that
     the quality measurement records), the KL tail, the greedy divergence and the reference's name."""
-    reference_ppl = _float(quality.get("reference_perplexity"))
-    change = _float(quality.get("delta_relative"))
-    low, high = _float(quality.get("delta_ci_low")), _float(quality.get("delta_ci_high"))
+    reference_ppl = as_float(quality.get("reference_perplexity"))
+    change = as_float(quality.get("delta_relative"))
+    low, high = as_float(quality.get("delta_ci_low")), as_float(quality.get("delta_ci_high"))
     interval = (low / reference_ppl, high / reference_ppl) if None not in (low, high) and reference_ppl else None
     return dict(perplexity_change=change,
                 perplexity_change_ci=interval if interval and interval[0] <= interval[1] else None,
-                kl_p95=_float(quality.get("kl_p95")), divergence_position=_int(quality.get("divergence_position")),
+                kl_p95=as_float(quality.get("kl_p95")), divergence_position=_int(quality.get("divergence_position")),
                 greedy_tokens=_int(quality.get("greedy_tokens")),
                 reference=str(quality["reference"]) if quality.get("reference") else None)
 
@@ -228,12 +228,12 @@ def spread(latency: dict[str, Any], names: Iterable[str]) -> Spread | None:
         nested = latency.get(name)
         get = (lambda key: nested.get(key)) if isinstance(nested, dict) else (lambda key: latency.get(f"{name}_{key}"))
         raw = get("samples")
-        samples = [x for x in map(_float, raw) if x is not None] if isinstance(raw, list) else []
+        samples = [x for x in map(as_float, raw) if x is not None] if isinstance(raw, list) else []
         if len(samples) >= SAMPLES_FOR_PERCENTILES:
             return _spread(percentile(samples, 10), percentile(samples, 90), f"p10-p90 of {len(samples)} samples")
         if len(samples) >= 2:
             return _spread(min(samples), max(samples), f"min-max of {len(samples)} repeats")
-        p10, p90, median, cv = (_float(get(k)) for k in ("p10", "p90", "median", "cv"))
+        p10, p90, median, cv = (as_float(get(k)) for k in ("p10", "p90", "median", "cv"))
         if p10 is not None and p90 is not None and p10 <= p90:
             return _spread(p10, p90, "p10-p90")
         if median is not None and p90 is not None:
@@ -251,19 +251,9 @@ def _spread(low: float, high: float, kind: str) -> Spread | None:
     return Spread(low, high, kind)
 
 
-def as_mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
         return None
     return int(value) if value >= 0 else None
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)

@@ -13,8 +13,6 @@ fit one card is split across several the way accelerate's `device_map="auto"` pl
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
@@ -22,11 +20,10 @@ from .calibrate import Calibration, QualityCost, read_calibration
 from .errors import UsageError
 from .gpus import GPU, get_gpu, gpu_profiles
 from .planner import SAFETY_MARGIN, check_positive, fits_on, plan_point
-from .schemes import Scheme, get_scheme
+from .schemes import DEFAULT_DTYPES, Scheme, get_scheme
 from .sources import resolve_model
 from .spec import ArchSpec
 
-DEFAULT_DTYPES = ("bf16", "fp16", "int8", "nf4")
 # Searches stop here: 2^40 tokens or sequences is beyond any card, so reaching it means "unbounded".
 SEARCH_LIMIT = 2**40
 
@@ -279,11 +276,6 @@ def check_margin(margin: float) -> float:
     return float(margin)
 
 
-def config_digest(config: dict) -> str:
-    """The SHA-256 of a config's contents, as `run` records it in each row's model_source."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
 def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[int] = (2048,),
         batches: Iterable[int] = (1,), gpus: Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
         calibrate: str | None = None) -> FitResult:
@@ -295,7 +287,8 @@ def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[i
     contexts = [check_positive("context", c) for c in contexts]
     batches = [check_positive("batch", b) for b in batches]
     margin = check_margin(margin)
-    calibration = read_calibration(calibrate, spec, [s.name for s in schemes], config_digest(source.config)) if calibrate else None
+    calibration = read_calibration(calibrate, spec, [s.name for s in schemes], source.config_sha256) \
+        if calibrate else None
     by_dtype = {c.dtype: c for c in calibration.items} if calibration else {}
     footprints = [Footprint(spec, s, by_dtype.get(s.name)) for s in schemes]
     rows, recommendations = [], []

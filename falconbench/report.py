@@ -7,24 +7,20 @@ valid row becomes a `SchemeRow` in raw units, the planner adds memory-against-co
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .comparison import Comparison, ContextCurve, RunInfo, SchemeRow, as_mapping, scheme_row
+from .comparison import Comparison, ContextCurve, RunInfo, SchemeRow, scheme_row
 from .errors import FalconbenchError, ResultsError
 from .gpus import GPU, gpu_profiles
 from .plots import PLOT_FILES
-from .results import RESULTS_FILE, RunResult, latest_rows, read_results, write_atomic
+from .results import RESULTS_FILE, RunResult, environment_name, latest_rows, read_results, write_atomic
 
 REPORT_FILES = ("report.md", "report.csv", "report.html")
 # GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
 CAPACITY_GPUS = ("T4", "RTX-4090", "A100-40GB", "H100-80GB")
-# Environment keys that name the device a run measured on, most specific first (`run` records them).
-DEVICE_NAME_KEYS = ("gpu_name", "gpu", "cuda_device_name", "device_name", "cpu_name", "cpu", "processor")
 
 
 @dataclass(frozen=True)
@@ -102,12 +98,8 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
 
 def _device_name(results: Sequence[RunResult]) -> str:
     """What the run measured on: the GPU or CPU name its environment records, else its device."""
-    for result in results:
-        environment = as_mapping(result.environment)
-        for key in DEVICE_NAME_KEYS:
-            if isinstance(environment.get(key), str) and environment[key].strip():
-                return environment[key].strip()
-    return results[0].device if results else ""
+    names = (environment_name(result.environment) for result in results)
+    return next((name for name in names if name), results[0].device if results else "")
 
 
 def capacity_gpus(device_names: Iterable[str] = ()) -> tuple[GPU, ...]:
@@ -158,8 +150,7 @@ def _model_spec(candidates: Sequence[str], config_sha256: str | None):
         except FalconbenchError as exc:
             reasons.append(str(exc))
             continue
-        digest = hashlib.sha256(json.dumps(source.config, sort_keys=True).encode()).hexdigest()
-        if config_sha256 and digest != config_sha256:
+        if config_sha256 and source.config_sha256 != config_sha256:
             reasons.append(f"{source.config_path} is not the config the run measured (SHA-256 differs)")
             continue
         return source.spec(), ""

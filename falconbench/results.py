@@ -7,12 +7,13 @@ reports, by line number) anything that is not a valid row.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from .errors import ResultsError
 
@@ -76,6 +77,32 @@ class RunResult:
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Environment keys that may name the device a row was measured on, most specific first (`run` records "gpu" and
+# "cpu"; the others are what hand-made or older files may use).
+GPU_NAME_KEYS = ("gpu_name", "gpu", "cuda_device_name", "device_name")
+DEVICE_NAME_KEYS = GPU_NAME_KEYS + ("cpu_name", "cpu", "processor")
+
+
+def as_mapping(value: Any) -> dict[str, Any]:
+    """A row's dict field, or {} when a hand-edited file put something else there."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_float(value: Any) -> float | None:
+    """A finite number from a row, as float; None for anything else (rows come from files and may be odd)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def environment_name(environment: Any, keys: Sequence[str] = DEVICE_NAME_KEYS) -> str | None:
+    """The first non-empty name among `keys` in a row's environment."""
+    for key in keys:
+        value = as_mapping(environment).get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def append_result(path: Path, result: RunResult) -> None:

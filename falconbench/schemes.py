@@ -79,6 +79,9 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 # KV cache element widths. The cache is 16-bit by default, whatever the weights' scheme.
+# The four precisions users compare, most precise first: what `run` and `fit` take when none is named.
+DEFAULT_DTYPES: tuple[str, ...] = ("bf16", "fp16", "int8", "nf4")
+
 KV_DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 

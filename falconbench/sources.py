@@ -5,6 +5,7 @@ Nothing here touches the network: a hub id is looked up in the Hugging Face cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ class ModelSource:
 
     def spec(self) -> ArchSpec:
         return spec_from_config(self.config, name=self.name, source=str(self.config_path))
+
+    @property
+    def config_sha256(self) -> str:
+        """The SHA-256 of the config's contents (key order aside): `run` records it in each row's model_source, so
+        `report` and `fit --calibrate` can tell the measured config from another of the same name."""
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..fit import DEFAULT_DTYPES, fit
+from ..fit import fit
+from ..schemes import DEFAULT_DTYPES
 from ..planner import SAFETY_MARGIN
 from ..render.console import FORMATS, console
 from .options import int_list, split_list

@@ -46,13 +46,22 @@ def get_command(name):
     Example:
       falconbench models get smollm2
     """
-    from ..zoo import cached_model_dir, ensure_model, get_zoo_model
+    from ..zoo import ensure_model, get_zoo_model
 
     model = get_zoo_model(name)
-    if cached_model_dir(model.name) is None:
-        err_console().print(f"Converting {model.gguf_file} from the {model.distribution} package (once; about "
-                            "30 s on 2 cores)...")
+    announce_conversion(model.name)
     fetched = ensure_model(model.name)
     if fetched.converted:
         err_console().print(f"Converted in {fetched.seconds:.1f} s.")
     click.echo(str(fetched.folder))
+
+
+def announce_conversion(name: str) -> None:
+    """Say so before a bundled model is converted on its first use (it takes a while, once); `models get` and
+    `run -m NAME` both convert."""
+    from ..zoo import ZOO, cached_model_dir
+
+    model = ZOO.get(name.strip().lower())
+    if model is not None and cached_model_dir(model.name) is None:
+        err_console().print(f"Converting {model.gguf_file} from the {model.distribution} package into a cached "
+                            "folder (once; about 30 s on 2 cores)...", markup=False, highlight=False)

@@ -8,8 +8,8 @@ import click
 
 from ..errors import UsageError
 from ..render.console import console, err_console
-from ..run.config import DEFAULT_INT8_THRESHOLD, RUN_DEVICES
-from ..schemes import SCHEMES
+from ..run.config import RUN_DEVICES, RunConfig
+from ..schemes import DEFAULT_DTYPES, SCHEMES
 from .options import split_list
 
 RUN_FORMATS = ("table", "json")
@@ -36,27 +36,27 @@ def parse_size(text: str | None) -> int | None:
                    "--random-weights) a profile or config.json.")
 @click.option("-d", "--dtype", "dtypes", multiple=True, metavar="D[,D...]",
               help=f"Schemes: {', '.join(SCHEMES)}. The first is the reference of the ratios; with quality on, "
-                   "the --reference scheme runs first. Default: bf16,fp16,int8,nf4.")
+                   f"the --reference scheme runs first. Default: {','.join(DEFAULT_DTYPES)}.")
 @click.option("--device", type=click.Choice(RUN_DEVICES), default="auto", show_default=True,
               help="auto picks cuda when torch sees a GPU.")
 @click.option("--random-weights", is_flag=True,
               help="Build the architecture from config.json with random weights (no download, same memory).")
-@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length (prefill).")
-@click.option("--new-tokens", type=int, default=32, show_default=True,
+@click.option("--prompt-tokens", type=int, default=RunConfig.prompt_tokens, show_default=True, help="Prompt length (prefill).")
+@click.option("--new-tokens", type=int, default=RunConfig.new_tokens, show_default=True,
               help="Tokens generated per run, never stopped early.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per configuration.")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs before the timed ones.")
-@click.option("-b", "--batch", type=int, default=1, show_default=True, help="Sequences per run.")
-@click.option("--int8-threshold", type=float, default=DEFAULT_INT8_THRESHOLD, show_default=True,
+@click.option("--repeats", type=int, default=RunConfig.repeats, show_default=True, help="Timed runs per configuration.")
+@click.option("--warmup", type=int, default=RunConfig.warmup, show_default=True, help="Untimed runs before the timed ones.")
+@click.option("-b", "--batch", type=int, default=RunConfig.batch, show_default=True, help="Sequences per run.")
+@click.option("--int8-threshold", type=float, default=RunConfig.int8_threshold, show_default=True,
               help="LLM.int8 outlier threshold.")
 @click.option("--quality/--no-quality", default=True, show_default=True,
               help="Measure perplexity, KL and top-1 agreement against --reference (real weights only).")
-@click.option("--reference", default="bf16", show_default=True, help="The scheme quality is compared against.")
+@click.option("--reference", default=RunConfig.reference, show_default=True, help="The scheme quality is compared against.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 text to score. Default: the shipped public-domain novel excerpt.")
-@click.option("--eval-tokens", type=int, default=2048, show_default=True, help="Tokens of the text scored.")
-@click.option("--window", type=int, default=1024, show_default=True, help="Tokens the model sees at once.")
-@click.option("--stride", type=int, default=512, show_default=True, help="How far the window moves.")
+@click.option("--eval-tokens", type=int, default=RunConfig.eval_tokens, show_default=True, help="Tokens of the text scored.")
+@click.option("--window", type=int, default=RunConfig.window, show_default=True, help="Tokens the model sees at once.")
+@click.option("--stride", type=int, default=RunConfig.stride, show_default=True, help="How far the window moves.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Folder for results.jsonl and the report. Default: a new folder under reports/.")
 @click.option("--resume", is_flag=True,
@@ -97,12 +97,14 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
         err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
                             "permissions. Use it only for code you have read or trust.", style="bold red",
                             markup=False, highlight=False)
+    from .models import announce_conversion
+
     announce_conversion(model)
     progress = render.RunProgress()
     try:
         with progress:
             outcome = run_benchmark(
-                model, split_list(dtypes) or ["bf16", "fp16", "int8", "nf4"], device=device, output=output,
+                model, split_list(dtypes) or list(DEFAULT_DTYPES), device=device, output=output,
                 on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
                 int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
@@ -125,16 +127,6 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
     write_run_report(outcome.output_dir)
-
-
-def announce_conversion(model: str) -> None:
-    """Say so before a bundled model is converted on its first use (it takes a while, once)."""
-    from ..zoo import ZOO, cached_model_dir
-
-    name = model.strip().lower()
-    if name in ZOO and cached_model_dir(name) is None:
-        err_console().print(f"Converting {name} from the {ZOO[name].distribution} package into a cached folder "
-                            "(once; about 30 s on 2 cores)...", markup=False, highlight=False)
 
 
 def write_run_report(output_dir) -> None:

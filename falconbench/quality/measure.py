@@ -135,27 +135,15 @@ def _prompt_ids(tokenizer, spec: QualitySpec) -> list[int]:
 
 
 def greedy_continuation(model, prompt_ids: list[int], n_tokens: int) -> list[int]:
-    """`n_tokens` tokens of greedy decoding (argmax, KV cache, no stopping at end-of-sequence)."""
+    """`n_tokens` tokens of greedy decoding (argmax, KV cache, no stopping at end-of-sequence): the same loop `run`
+    times, untimed."""
     import torch
 
+    from ..run.decode import generate_fixed
+
     device = getattr(model, "device", None) or next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-    generated = [int(out.logits[0, -1].argmax())]
-    while len(generated) < n_tokens:
-        step = torch.tensor([[generated[-1]]], device=device)
-        out = model(input_ids=step, use_cache=True, **_cache_argument(out))
-        generated.append(int(out.logits[0, -1].argmax()))
-    return generated
-
-
-def _cache_argument(out) -> dict:
-    """The KV cache of a forward's output, under the name this transformers version takes it back by.
-
-    transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning); 4.x knows only
-    `past_key_values`. Passing the name the output itself uses works in both without a warning.
-    """
-    name = "cache" if "cache" in out.keys() else "past_key_values"
-    return {name: out[name]}
+    generation = generate_fixed(model, torch.tensor([prompt_ids], device=device), n_tokens, tracker=None)
+    return [int(token) for token in generation.tokens[0]]
 
 
 def _reference_result(stored: StoredReference, spec: QualitySpec, tokens: EvalTokens, model_id: str,

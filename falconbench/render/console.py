@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import sys
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
@@ -32,8 +33,6 @@ def console() -> Console:
 
 def _pipe_width() -> int | None:
     """PIPE_WIDTH when stdout is not a terminal and COLUMNS is unset; None lets rich measure the terminal."""
-    import sys
-
     if os.environ.get("COLUMNS") or (sys.stdout is not None and sys.stdout.isatty()):
         return None
     return PIPE_WIDTH
@@ -72,6 +71,11 @@ def format_seconds(s: float | None) -> str:
     if s < 1:
         return f"{s * 1000:.1f} ms"
     return f"{s:.2f} s"
+
+
+def format_number(value: float | None, spec: str) -> str:
+    """`value` formatted with `spec`, or "-" where nothing was measured."""
+    return "-" if value is None else format(value, spec)
 
 
 def format_percent(x: float | None, signed: bool = True) -> str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from ..comparison import Comparison, SchemeRow
-from .console import format_bytes, format_percent, format_seconds, to_csv, to_markdown, versus_plan
+from .console import (format_bytes, format_number, format_percent, format_seconds, to_csv, to_markdown,
+                      versus_plan)
 
 PLOT_TITLES = {
     "memory.png": "Memory by scheme: planned against measured",
@@ -20,10 +21,6 @@ PLOT_TITLES = {
     "quality.png": "Quality drift by scheme",
     "context.png": "Planned memory against context length, with GPU capacities",
 }
-
-
-def _number(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
 
 
 def _quantized(row: SchemeRow) -> str:
@@ -62,13 +59,13 @@ SPEED_COLUMNS: tuple[Column, ...] = (
     ("Load", lambda r: format_seconds(r.load_seconds), True),
     ("TTFT", lambda r: format_seconds(r.ttft_seconds), True),
     ("Decode step", lambda r: format_seconds(r.decode_token_seconds), True),
-    ("Decode tok/s", lambda r: _number(r.decode_tokens_per_second, ".1f"), True),
+    ("Decode tok/s", lambda r: format_number(r.decode_tokens_per_second, ".1f"), True),
 )
 QUALITY_COLUMNS: tuple[Column, ...] = (
-    ("PPL", lambda r: _number(r.perplexity, ".2f"), True),
+    ("PPL", lambda r: format_number(r.perplexity, ".2f"), True),
     ("Δ PPL % [CI]", _delta, True),
-    ("KL", lambda r: _number(r.kl_divergence, ".4f"), True),
-    ("KL p95", lambda r: _number(r.kl_p95, ".4f"), True),
+    ("KL", lambda r: format_number(r.kl_divergence, ".4f"), True),
+    ("KL p95", lambda r: format_number(r.kl_p95, ".4f"), True),
     ("Top-1", lambda r: format_percent(r.top1_agreement, signed=False), True),
     ("Greedy diverges", _divergence, True),
 )

@@ -12,7 +12,8 @@ from rich.table import Table
 from ..results import RunResult
 from ..run.orchestrator import Event
 from ..run.stats import ratio
-from .console import err_console, format_bytes, format_percent, format_seconds, to_json, versus_plan
+from .console import (err_console, format_bytes, format_number, format_percent, format_seconds, to_json,
+                      versus_plan)
 
 JSON_FIELDS = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
                "planned_kv_cache_bytes", "peak_memory_bytes", "planned_total_bytes", "load_seconds", "ttft_seconds",
@@ -124,12 +125,8 @@ def quality_cells(row: RunResult) -> list[str]:
     divergence = q.get("divergence_position")
     diverges = "-" if "greedy_tokens" not in q else (f"token {divergence}" if divergence is not None
                                                       else f"none of {q['greedy_tokens']}")
-    return [row.dtype, _status(row), _number(row.perplexity, ".3f"), delta, _number(row.kl_divergence, ".4f"),
-            _number(q.get("kl_p95"), ".4f"), format_percent(row.top1_agreement, signed=False), diverges]
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return [row.dtype, _status(row), format_number(row.perplexity, ".3f"), delta, format_number(row.kl_divergence, ".4f"),
+            format_number(q.get("kl_p95"), ".4f"), format_percent(row.top1_agreement, signed=False), diverges]
 
 
 QUALITY_HEADERS = ("Dtype", "Status", "PPL", "Δ PPL [95% CI]", "KL mean", "KL p95", "Top-1", "Diverges at")

@@ -175,9 +175,7 @@ def check_safetensors(path: Path) -> None:
 def model_identity(source: ModelSource, random_weights: bool, allow_pickle: bool = False) -> dict[str, Any]:
     """What names the model for hashing: its config's contents and, for real weights, where they are and their
     sizes (the snapshot folder of a hub id is its commit)."""
-    config_text = json.dumps(source.config, sort_keys=True)
-    identity: dict[str, Any] = {"name": source.name, "kind": source.kind,
-                                "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+    identity: dict[str, Any] = {"name": source.name, "kind": source.kind, "config_sha256": source.config_sha256}
     if random_weights:
         identity["weights"] = "random"
     else:

@@ -48,12 +48,15 @@ def _next_token(logits):
     return logits[:, -1:].argmax(dim=-1)
 
 
-def generate_fixed(model, input_ids, new_tokens: int, tracker: PhaseTracker, track: bool = True) -> Generation:
-    """Prefill, then `new_tokens - 1` decode steps, greedy; memory phases tracked when `track`."""
+def generate_fixed(model, input_ids, new_tokens: int, tracker: PhaseTracker | None,
+                   track: bool = True) -> Generation:
+    """Prefill, then `new_tokens - 1` decode steps, greedy; memory phases tracked when `track`. Without a tracker
+    nothing is synchronized or tracked (the quality measurement's greedy continuation, untimed)."""
     import torch
 
     keyword = cache_keyword(model)
-    sync = tracker.synchronize
+    track = track and tracker is not None
+    sync = tracker.synchronize if tracker is not None else (lambda: None)
     with torch.inference_mode():
         if track:
             tracker.begin("prefill")

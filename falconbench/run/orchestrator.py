@@ -20,7 +20,7 @@ from ..errors import RunError, UsageError
 from ..planner import plan_point
 from ..results import RESULTS_FILE, RunResult, append_result, read_results
 from ..schemes import get_scheme
-from ..sources import profiles_dir, resolve_model
+from ..sources import ModelSource, profiles_dir, resolve_model
 from . import worker
 from .rundir import keep_model_config, prepare_output, resume_rows
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
@@ -129,10 +129,12 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
         if on_event is not None:
             on_event(replace(event, output_dir=Path(output_dir)))
 
-    planned = [planned_row(config, quality_skipped) for config in configs]
+    sources = {model: resolve_model(model) for model in dict.fromkeys(c.model for c in configs)}
+    planned = [planned_row(config, quality_skipped, sources[config.model]) for config in configs]
     results_path = prepare_output(output_dir)
     done = resume_rows(results_path, planned, resume)
-    keep_model_config(configs, output_dir)
+    if sources:
+        keep_model_config(next(iter(sources.values())), output_dir)
     rows = []
     with terminate_as_interrupt():
         for index, (config, base) in enumerate(zip(configs, planned)):
@@ -169,9 +171,10 @@ def terminate_as_interrupt():
             signal.signal(sig, handler)
 
 
-def planned_row(config: RunConfig, quality_skipped: str | None = None) -> RunResult:
+def planned_row(config: RunConfig, quality_skipped: str | None = None,
+                source: ModelSource | None = None) -> RunResult:
     """The row before measurement: identity, settings, hash, and the planner's figures for this run."""
-    source = resolve_model(config.model)
+    source = source or resolve_model(config.model)
     identity = model_identity(source, config.random_weights, config.allow_pickle)
     plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
                       kv_dtype=kv_dtype_for(config.scheme), device=config.device)

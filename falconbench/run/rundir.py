@@ -11,8 +11,7 @@ from typing import Sequence
 
 from ..errors import RunError, UsageError
 from ..results import RESULTS_FILE, RunResult, read_results, write_atomic
-from ..sources import resolve_model
-from .config import RunConfig
+from ..sources import ModelSource
 
 
 def prepare_output(output_dir: Path) -> Path:
@@ -28,12 +27,11 @@ def prepare_output(output_dir: Path) -> Path:
     return path
 
 
-def keep_model_config(configs: Sequence[RunConfig], output_dir: Path) -> None:
+def keep_model_config(source: ModelSource, output_dir: Path) -> None:
     """A copy of the measured model's config.json in the run folder, so its report can still plan the model
     once the run folder travels without the model (one model per sweep; the first one's is kept)."""
     target = Path(output_dir) / "config.json"
-    if configs and not target.exists():
-        source = resolve_model(configs[0].model)
+    if not target.exists():
         try:
             write_atomic(target, source.config_path.read_bytes())
         except OSError as exc:
