@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 from .calibrate import Calibration, QualityCost, read_calibration
 from .errors import UsageError
-from .gpus import GPU, get_gpu, gpu_profiles
+from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
 from .planner import SAFETY_MARGIN, check_positive, fits_on, plan_point
 from .schemes import DEFAULT_DTYPES, Scheme, get_scheme
 from .sources import resolve_model
@@ -192,15 +192,6 @@ class FitRow:
         for key in ("per_gpu_bytes", "calibrated", "warnings"):
             row[key] = list(row[key])
         return row
-
-
-def dtype_support(gpu: GPU, scheme: Scheme) -> tuple[bool, str | None]:
-    """Whether the card computes the scheme's dtype natively, and what to use instead when it does not."""
-    if scheme.torch_dtype != "bfloat16" or gpu.bf16:
-        return True, None
-    if scheme.kind == "float":
-        return False, "fp16"
-    return False, f"{scheme.name} with bnb_4bit_compute_dtype=torch.float16"
 
 
 def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: float) -> FitRow:

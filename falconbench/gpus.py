@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .sources import profiles_dir
+
+if TYPE_CHECKING:
+    from .schemes import Scheme
 
 MIB = 2**20
 
@@ -45,9 +49,21 @@ def get_gpu(name: str) -> GPU:
     raise UsageError(f"unknown GPU {name!r}. Choose from: {', '.join(g.name for g in gpu_profiles())}")
 
 
-def runs_dtype(gpu: GPU, dtype: str) -> bool:
-    """Whether the card computes in `dtype`: bf16 needs bf16 arithmetic (Ampere or newer); T4 and V100 lack it.
+def dtype_support(gpu: GPU, scheme: "Scheme") -> tuple[bool, str | None]:
+    """Whether the card computes the scheme's dtype natively, and what to use instead when it does not.
 
-    Quantized schemes count as runnable everywhere: their compute dtype can be set to fp16.
+    bf16 arithmetic needs Ampere or newer (T4 and V100 lack it). nf4 and fp4 compute in bf16 here, so on such a
+    card they need `bnb_4bit_compute_dtype=torch.float16`; LLM.int8 computes in fp16 and runs everywhere.
     """
-    return gpu.bf16 or dtype != "bf16"
+    if scheme.torch_dtype != "bfloat16" or gpu.bf16:
+        return True, None
+    if scheme.kind == "float":
+        return False, "fp16"
+    return False, f"{scheme.name} with bnb_4bit_compute_dtype=torch.float16"
+
+
+def runs_dtype(gpu: GPU, dtype: str) -> bool:
+    """Whether the card runs the scheme `dtype` as falconbench configures it (`dtype_support`)."""
+    from .schemes import get_scheme
+
+    return dtype_support(gpu, get_scheme(dtype))[0]

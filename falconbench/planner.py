@@ -8,13 +8,14 @@ them, and are labelled as such wherever they are shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 from .errors import UsageError
 from .gpus import GPU, gpu_profiles, runs_dtype
-from .schemes import Scheme, get_scheme, kv_dtype_bytes
+from .libraries import experts_quantized
+from .schemes import FP32, Scheme, compute_bytes, get_scheme, kv_dtype_bytes, kv_dtype_for
 from .sources import resolve_model
-from .spec import ArchSpec
+from .spec import ArchSpec, Linear, positive_int
 
 MIB = 2**20
 AttnImpl = Literal["sdpa", "eager"]
@@ -52,6 +53,10 @@ class PlanRow:
     logits_bytes: int
     attn_impl: str
     device: str
+    quantized_params: int = 0  # weights bitsandbytes holds quantized (0 in a float scheme)
+    kv_cache_by_layer_type: dict[str, int] = field(default_factory=dict)
+    exactness: str = "exact"  # of weights and KV cache: "exact", or "estimate" for an unknown type without torch
+    unquantized_params: int = 0  # of a quantized scheme: large blocks left 16-bit by the libraries (fused experts)
     warnings: tuple[str, ...] = field(default=())
     fits_gpus: tuple[str, ...] = field(default=())
 
@@ -72,31 +77,88 @@ class PlanRow:
         row["total_bytes"] = self.total_bytes
         row["warnings"] = list(self.warnings)
         row["fits_gpus"] = list(self.fits_gpus)
+        row["kv_cache_by_layer_type"] = dict(self.kv_cache_by_layer_type)
         return row
+
+    @property
+    def limited_by_libraries(self) -> bool:
+        """A quantized row whose libraries leave a large block 16-bit (fused MoE experts)."""
+        return self.unquantized_params > 0
+
+
+def quantized_linears(spec: ArchSpec, scheme: Scheme) -> Iterator[tuple[int, Linear]]:
+    """(how many, linear) for every linear layer bitsandbytes holds quantized in `scheme` (none for a float one).
+
+    transformers' integration replaces nn.Linear and Conv1D modules, never the output head; falconbench's loader
+    also quantizes the nn.Linear subclasses transformers 5 skips (Falcon's FalconLinear). Fused experts follow
+    `libraries.experts_quantized`.
+    """
+    if not scheme.quantized:
+        return
+    for lin in spec.extra_linears:
+        yield 1, lin
+    for group in spec.groups:
+        for lin in group.linears:
+            yield group.count, lin
+        for experts in group.experts:
+            if experts_quantized(experts.fused_since_v4):
+                for lin in experts.linears:
+                    yield group.count * experts.num_experts, lin
+
+
+def quantized_params(spec: ArchSpec, scheme: Scheme) -> int:
+    """Weights (biases excluded) that bitsandbytes stores quantized; 0 for a float scheme."""
+    return sum(n * lin.in_features * lin.out_features for n, lin in quantized_linears(spec, scheme))
 
 
 def weights_bytes(spec: ArchSpec, scheme: Scheme) -> int:
     """Bytes of all parameters as loaded in `scheme`.
 
-    bitsandbytes (through transformers) replaces the decoder's linear layers only; embeddings, norms, biases
-    and the output head keep the floating-point width. Tied weights count once.
+    Quantized linears take the scheme's storage (their biases stay floating point); everything else, the
+    embeddings, norms, routers, unquantized experts and the output head, keeps the floating-point width, and
+    `_keep_in_fp32_modules_strict` parameters stay float32. Tied weights count once.
     """
-    floating = (spec.embedding_params + spec.final_norm_params + spec.num_layers * spec.layer_norm_params
-                + (spec.lm_head.params if spec.lm_head else 0))
-    per_layer_weights = sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features)
-                            for lin in spec.layer_linears)
-    per_layer_bias = sum(lin.out_features for lin in spec.layer_linears if lin.bias)
-    return (floating + spec.num_layers * per_layer_bias) * scheme.float_bytes + spec.num_layers * per_layer_weights
+    quantized = sum(n * scheme.linear_weight_bytes(lin.in_features, lin.out_features)
+                    for n, lin in quantized_linears(spec, scheme))
+    fp32 = sum(g.count * g.fp32_params for g in spec.groups)
+    floating = spec.param_count - quantized_params(spec, scheme) - fp32
+    return quantized + floating * scheme.float_bytes + fp32 * FP32
+
+
+def unquantized_blocks(spec: ArchSpec, scheme: Scheme) -> list[tuple[str, int]]:
+    """(name, parameters) of the large blocks a quantized scheme leaves 16-bit: fused experts."""
+    if not scheme.quantized:
+        return []
+    blocks: dict[str, int] = {}
+    for group in spec.groups:
+        for experts in group.experts:
+            if not experts_quantized(experts.fused_since_v4):
+                blocks[experts.name] = blocks.get(experts.name, 0) + group.count * experts.params
+    return list(blocks.items())
 
 
 def kv_tokens(spec: ArchSpec, context: int) -> int:
-    """Tokens the cache holds: the context, or the sliding window when the model attends to a window only."""
-    return min(context, spec.sliding_window) if spec.sliding_window else context
+    """Tokens the largest layer cache holds: the context, or the sliding window when every layer slides."""
+    held = [c.tokens(context) for _, c in spec.caches if c.kind != "recurrent"]
+    return max(held) if held else 0
 
 
-def kv_cache_bytes(spec: ArchSpec, context: int, batch: int, kv_bytes: int = 2) -> int:
-    """K and V for every layer: 2 × layers × kv_heads × head_dim × tokens × batch × bytes per element."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_tokens(spec, context) * batch * kv_bytes
+def kv_cache_by_layer_type(spec: ArchSpec, context: int, batch: int, kv_bytes: int = 2,
+                           state_bytes: int = 2) -> dict[str, int]:
+    """Cache bytes per layer kind, as transformers' cache layers hold them (`CacheLayout.bytes`).
+
+    Attention layers: 2 × kv_heads × head_dim × tokens × batch × kv_bytes, tokens capped at the window for
+    sliding layers; MLA: the latent and rope widths; recurrent layers: a constant state per sequence.
+    """
+    split: dict[str, int] = {}
+    for count, cache in spec.caches:
+        split[cache.kind] = split.get(cache.kind, 0) + count * cache.bytes(context, batch, kv_bytes, state_bytes)
+    return split
+
+
+def kv_cache_bytes(spec: ArchSpec, context: int, batch: int, kv_bytes: int = 2, state_bytes: int = 2) -> int:
+    """The whole cache at `context` tokens for `batch` sequences (`state_bytes`: the model's compute width)."""
+    return sum(kv_cache_by_layer_type(spec, context, batch, kv_bytes, state_bytes).values())
 
 
 def activation_bytes(spec: ArchSpec, tokens: int, batch: int, act_bytes: int) -> int:
@@ -121,7 +183,7 @@ def fits_on(total_bytes: int, gpu: GPU, margin: float = SAFETY_MARGIN) -> bool:
     return total_bytes <= gpu.memory_bytes * (1 - margin)
 
 
-def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = "bf16",
+def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = "auto",
                attn_impl: str = "sdpa", device: str = "cuda") -> PlanRow:
     """Plan one model in one scheme at one context length and batch size."""
     check_positive("context", context)
@@ -130,29 +192,44 @@ def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtyp
         raise UsageError(f"unknown attention implementation {attn_impl!r}. Choose from: {', '.join(ATTN_IMPLS)}")
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}. Choose from: {', '.join(DEVICES)}")
-    act_bytes = 4 if scheme.torch_dtype == "float32" else 2
-    warnings = list(spec.warnings)
+    act_bytes = compute_bytes(scheme)
+    kv_dtype = kv_dtype_for(scheme, kv_dtype)
+    warnings = list(spec.warnings) + scheme_warnings(spec, scheme)
     if spec.max_positions and context > spec.max_positions:
         warnings.append(f"context {context} exceeds the model's {spec.max_positions} positions")
     if spec.sliding_window and context > spec.sliding_window:
-        warnings.append(f"KV cache capped at the {spec.sliding_window}-token sliding window")
+        warnings.append(f"sliding-window layers hold {spec.sliding_window} tokens of the {context}")
+    split = kv_cache_by_layer_type(spec, context, batch, kv_dtype_bytes(kv_dtype), act_bytes)
     row = PlanRow(
         model=spec.name, dtype=scheme.name, context=context, batch=batch, kv_dtype=kv_dtype,
         attention=spec.attention, kv_heads=spec.num_kv_heads, params=spec.param_count,
-        weights_bytes=weights_bytes(spec, scheme),
-        kv_cache_bytes=kv_cache_bytes(spec, context, batch, kv_dtype_bytes(kv_dtype)),
+        weights_bytes=weights_bytes(spec, scheme), kv_cache_bytes=sum(split.values()),
         cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
         activation_bytes=activation_bytes(spec, context, batch, act_bytes),
         attention_scores_bytes=attention_scores_bytes(spec, context, batch, act_bytes, attn_impl),
         logits_bytes=batch * LOGITS_POSITIONS_IN_GENERATE * spec.vocab_size * LOGITS_BYTES_PER_ELEMENT,
-        attn_impl=attn_impl, device=device, warnings=tuple(warnings),
+        attn_impl=attn_impl, device=device, quantized_params=quantized_params(spec, scheme),
+        kv_cache_by_layer_type=split, exactness=spec.exactness,
+        unquantized_params=sum(n for _, n in unquantized_blocks(spec, scheme)), warnings=tuple(warnings),
     )
     fitting = (g.name for g in gpu_profiles() if runs_dtype(g, scheme.name) and fits_on(row.total_bytes, g))
     return replace(row, fits_gpus=tuple(fitting))
 
 
+def scheme_warnings(spec: ArchSpec, scheme: Scheme) -> list[str]:
+    """What a quantized scheme leaves unquantized, named, with its share of the parameters."""
+    warnings = []
+    for name, params in unquantized_blocks(spec, scheme):
+        share = params / spec.param_count
+        warnings.append(f"{scheme.name}: {name} ({params / 1e9:.2f}B parameters, {share:.0%}) stay "
+                        f"{'bf16' if scheme.torch_dtype == 'bfloat16' else 'fp16'}: transformers 5 fuses the experts "
+                        "into 3-D parameters and bitsandbytes quantizes only nn.Linear (bitsandbytes #1849)")
+    return warnings
+
+
 def check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """The one positive-integer check of every count the API and CLI take."""
+    if not positive_int(value):
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return value
 
@@ -161,12 +238,13 @@ SEED_MODELS = ("falcon-7b", "llama-7b", "mpt-7b", "stablelm-base-alpha-7b", "lla
 
 
 def plan(models: Iterable[str] = SEED_MODELS, dtypes: Iterable[str] = ("bf16",), contexts: Iterable[int] = (2048,),
-         batches: Iterable[int] = (1,), kv_dtype: str = "bf16", attn_impl: str = "sdpa",
+         batches: Iterable[int] = (1,), kv_dtype: str = "auto", attn_impl: str = "sdpa",
          device: str = "cuda") -> list[PlanRow]:
     """Plan the cross product of models × dtypes × contexts × batches (the seed table by default)."""
     specs = [resolve_model(m).spec() for m in models]
     schemes = [get_scheme(d) for d in dtypes]
-    kv_dtype_bytes(kv_dtype)
+    for scheme in schemes:
+        kv_dtype_for(scheme, kv_dtype)
     contexts, batches = [check_positive("context", c) for c in contexts], [check_positive("batch", b) for b in batches]
     return [plan_point(spec, scheme, c, b, kv_dtype, attn_impl, device)
             for spec in specs for scheme in schemes for c in contexts for b in batches]

@@ -78,11 +78,13 @@ SCHEMES: dict[str, Scheme] = {
     )
 }
 
-# KV cache element widths. The cache is 16-bit by default, whatever the weights' scheme.
 # The four precisions users compare, most precise first: what `run` and `fit` take when none is named.
 DEFAULT_DTYPES: tuple[str, ...] = ("bf16", "fp16", "int8", "nf4")
 
-KV_DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# KV cache element widths. "auto" is what transformers does: the cache takes the model's compute dtype (an fp32
+# model caches in fp32, every other scheme in 16 bits), so `plan`, `fit` and `run` agree by default.
+KV_DTYPES: dict[str, int] = {"auto": 0, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def get_scheme(name: str) -> Scheme:
@@ -93,9 +95,20 @@ def get_scheme(name: str) -> Scheme:
     return scheme
 
 
-def kv_dtype_bytes(name: str) -> int:
-    """Bytes per element of a KV cache dtype."""
-    size = KV_DTYPES.get(name.strip().lower())
-    if size is None:
-        raise UsageError(f"unknown KV cache dtype {name!r}. Choose from: {', '.join(KV_DTYPES)}")
-    return size
+def compute_bytes(scheme: Scheme) -> int:
+    """Bytes per element of the scheme's compute dtype (activations, recurrent convolution states)."""
+    return 4 if scheme.torch_dtype == "float32" else 2
+
+
+def kv_dtype_for(scheme: Scheme, kv_dtype: str = "auto") -> str:
+    """The KV cache dtype a configuration uses: `kv_dtype` as named, or with "auto" the model's compute dtype."""
+    name = kv_dtype.strip().lower() if isinstance(kv_dtype, str) else kv_dtype
+    if name not in KV_DTYPES:
+        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}. Choose from: {', '.join(KV_DTYPES)}")
+    return _DTYPE_NAMES[scheme.torch_dtype] if name == "auto" else name
+
+
+def kv_dtype_bytes(name: str, scheme: Scheme | None = None) -> int:
+    """Bytes per element of a KV cache dtype ("auto" needs the scheme whose compute dtype it follows)."""
+    resolved = kv_dtype_for(scheme or SCHEMES["bf16"], name)
+    return KV_DTYPES[resolved]

@@ -1,21 +1,38 @@
-"""Architecture specs read from a Hugging Face config.json, with each family's rules for its fields.
+"""Architecture specs: what the planner needs to know about a causal LM, read from its config.json.
 
-The spec lists the linear layers of one decoder layer (what bitsandbytes quantizes) and the parameters that stay
-floating point, so the planner can count bytes exactly. Layouts follow transformers' modeling code
-(`modeling_falcon.py`, `modeling_llama.py`, `modeling_mistral.py`, `modeling_mpt.py`, `modeling_gpt_neox.py`).
+A spec lists, per group of identical decoder layers, the linear layers bitsandbytes quantizes, the fused expert
+parameters it does not, the parameters that stay floating point, and what each layer caches (full attention, a
+sliding window, an MLA latent, or a recurrent state). Groups carry a count, so a spec's size does not grow with
+the layer count. The readers of each family live in `falconbench/families/`; a model type no reader knows is
+either laid out from the installed transformers on the meta device (`layout.py`) or planned as a Llama-shaped
+estimate, labelled so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from .errors import ConfigError
+
+CacheKind = Literal["full_attention", "sliding_attention", "mla", "recurrent"]
+CACHE_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "mla", "recurrent")
+# What a plan's weights and KV cache are: exact (a family reader or the installed transformers' own layout) or an
+# estimate (an unknown type read as a Llama-shaped decoder, torch not installed to lay it out).
+Exactness = Literal["exact", "estimate"]
+# NOTE: transformers' DynamicSlidingWindowLayer keeps one int64 scalar (its cumulative length) beside K and V.
+SLIDING_LAYER_EXTRA_BYTES = 8
+SSM_STATE_BYTES = 4  # Mamba's recurrent (SSM) state is float32 whatever the model's dtype
+
+
+def positive_int(value: Any) -> bool:
+    """True for a positive int (bool excluded): the one check every count and width goes through."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
 class Linear:
-    """One nn.Linear: `in_features` → `out_features`, with or without bias."""
+    """One nn.Linear (or GPT-2's Conv1D): `in_features` → `out_features`, with or without bias."""
 
     name: str
     in_features: int
@@ -24,8 +41,9 @@ class Linear:
 
     def __post_init__(self):
         for value in (self.in_features, self.out_features):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"layer {self.name}: features must be positive integers, got {value!r}")
+            if not positive_int(value):
+                raise ConfigError(f"layer {self.name}: features must be positive integers, got {value!r}. "
+                                  "Check the widths in config.json (heads, hidden and intermediate sizes)")
 
     @property
     def params(self) -> int:
@@ -33,40 +51,155 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts block: `num_experts` copies of `linears`.
+
+    transformers 5 stores them fused, as 3-D parameters (`mlp.experts.gate_up_proj`, `down_proj`), which
+    bitsandbytes ≤ 0.50 does not quantize (bitsandbytes issue #1849); transformers 4 built one nn.Linear each.
+    """
+
+    name: str
+    num_experts: int
+    linears: tuple[Linear, ...]  # ONE expert's projections
+    fused_since_v4: bool = False  # gpt-oss was fused from its first release; Mixtral, Qwen-MoE, DeepSeek in v5
+
+    @property
+    def params(self) -> int:
+        return self.num_experts * sum(lin.params for lin in self.linears)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one decoder layer caches, per sequence: K/V widths per token, a window, or a recurrent state."""
+
+    kind: CacheKind
+    key_width: int = 0  # elements per token: kv_heads × head_dim (MLA: the latent kv_lora_rank)
+    value_width: int = 0  # elements per token (MLA: the rotary part, qk_rope_head_dim)
+    window: int | None = None  # sliding_attention: tokens kept
+    conv_elements: int = 0  # recurrent: convolution state per sequence, in the model's dtype
+    state_elements: int = 0  # recurrent: SSM state per sequence, float32
+
+    def __post_init__(self):
+        if self.kind not in CACHE_KINDS:
+            raise ValueError(f"cache kind must be one of {', '.join(CACHE_KINDS)}, not {self.kind!r}")
+        if self.kind == "sliding_attention" and not positive_int(self.window):
+            raise ConfigError(f"a sliding-window layer needs a positive window, got {self.window!r}. "
+                              "Set sliding_window in config.json")
+
+    @property
+    def grows(self) -> bool:
+        """Whether the cache grows with every token (full attention and MLA) or stops (window, recurrent)."""
+        return self.kind in ("full_attention", "mla")
+
+    def tokens(self, context: int) -> int:
+        if self.kind == "recurrent":
+            return 0
+        return min(context, self.window) if self.kind == "sliding_attention" else context
+
+    def bytes(self, context: int, batch: int, kv_bytes: int, model_dtype_bytes: int) -> int:
+        """Bytes this layer's cache holds at `context` tokens for `batch` sequences."""
+        if self.kind == "recurrent":
+            return batch * (self.conv_elements * model_dtype_bytes + self.state_elements * SSM_STATE_BYTES)
+        kv = batch * self.tokens(context) * (self.key_width + self.value_width) * kv_bytes
+        return kv + (SLIDING_LAYER_EXTRA_BYTES if self.kind == "sliding_attention" else 0)
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """`count` identical decoder layers."""
+
+    count: int
+    linears: tuple[Linear, ...]  # quantizable: nn.Linear and Conv1D modules of one layer
+    float_params: int  # parameters outside those linears and the experts: norms, routers, convolutions, ...
+    caches: tuple[CacheLayout, ...] = ()  # usually one; a hybrid layer (Falcon-H1) caches attention and state
+    experts: tuple[Experts, ...] = ()
+    fp32_params: int = 0  # kept in float32 in every scheme (`_keep_in_fp32_modules_strict`: DeepSeek's router)
+
+    def __post_init__(self):
+        if not positive_int(self.count):
+            raise ConfigError(f"a layer group needs a positive layer count, got {self.count!r}")
+
+    @property
+    def params(self) -> int:
+        return (sum(lin.params for lin in self.linears) + self.float_params + self.fp32_params
+                + sum(e.params for e in self.experts))
+
+    @property
+    def label(self) -> str:
+        kinds = "+".join(c.kind for c in self.caches) or "no cache"
+        return kinds + (" + experts" if self.experts else "")
+
+
+@dataclass(frozen=True)
 class ArchSpec:
-    """What the planner needs to know about a decoder-only transformer."""
+    """What the planner needs to know about a causal LM."""
 
     name: str
     model_type: str
     hidden_size: int
-    num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
     vocab_size: int
-    layer_linears: tuple[Linear, ...]  # the quantizable linear layers of ONE decoder layer
-    layer_norm_params: int  # floating-point parameters of one decoder layer outside its linears (norms)
-    embedding_params: int  # input token (and position) embeddings
+    groups: tuple[LayerGroup, ...]
+    embedding_params: int  # input token (and position) embeddings, and their norm
     final_norm_params: int
     lm_head: Linear | None  # None when the output head is tied to the input embeddings
     intermediate_size: int
+    extra_linears: tuple[Linear, ...] = ()  # quantizable linears outside the decoder layers (OPT's projections)
+    num_kv_heads: int = 0  # of the attention layers (0: no attention)
+    head_dim: int = 0
     max_positions: int | None = None
-    sliding_window: int | None = None
+    exactness: Exactness = "exact"
+    origin: str = "falconbench family reader"  # who laid it out
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+        for name in ("hidden_size", "num_heads", "vocab_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not positive_int(value):
                 raise ConfigError(f"{self.name}: {name} must be a positive integer, got {value!r}. "
                                   "Check the model's config.json")
-        if self.num_heads % self.num_kv_heads:
+        if not self.groups:
+            raise ConfigError(f"{self.name}: no decoder layers. Check num_hidden_layers in config.json")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{self.name}: {self.num_heads} attention heads cannot be split into "
                               f"{self.num_kv_heads} KV groups. Check the KV-head field of config.json")
 
     @property
+    def num_layers(self) -> int:
+        return sum(g.count for g in self.groups)
+
+    @property
+    def layer_linears(self) -> tuple[Linear, ...]:
+        """The quantizable linears of the first group's layer (every layer's, for a uniform model)."""
+        return self.groups[0].linears
+
+    @property
+    def layer_norm_params(self) -> int:
+        return self.groups[0].float_params
+
+    @property
+    def caches(self) -> tuple[tuple[int, CacheLayout], ...]:
+        """(layer count, layout) for every cached part of every group."""
+        return tuple((g.count, c) for g in self.groups for c in g.caches)
+
+    @property
+    def sliding_window(self) -> int | None:
+        windows = [c.window for _, c in self.caches if c.kind == "sliding_attention"]
+        return max(windows) if windows else None
+
+    @property
+    def cache_grows(self) -> bool:
+        """Whether any layer's cache grows with the context (else memory sets no context limit)."""
+        return any(c.grows for _, c in self.caches)
+
+    @property
     def attention(self) -> str:
-        """Multi-query, grouped-query or multi-head attention."""
+        """Multi-query, grouped-query or multi-head attention; MLA; or none (a pure state-space model)."""
+        kinds = {c.kind for _, c in self.caches}
+        if kinds == {"recurrent"}:
+            return "SSM"
+        if "mla" in kinds:
+            return "MLA"
         if self.num_kv_heads == 1:
             return "MQA"
         return "MHA" if self.num_kv_heads == self.num_heads else "GQA"
@@ -76,22 +209,34 @@ class ArchSpec:
         return self.lm_head is None
 
     @property
+    def experts_params(self) -> int:
+        return sum(g.count * e.params for g in self.groups for e in g.experts)
+
+    @property
     def linear_params(self) -> int:
-        return self.num_layers * sum(lin.params for lin in self.layer_linears)
+        return (sum(g.count * sum(lin.params for lin in g.linears) for g in self.groups)
+                + sum(lin.params for lin in self.extra_linears))
 
     @property
     def param_count(self) -> int:
         """Parameters, tied weights counted once."""
         head = self.lm_head.params if self.lm_head else 0
         return (self.embedding_params + self.final_norm_params + head
-                + self.num_layers * self.layer_norm_params + self.linear_params)
+                + sum(lin.params for lin in self.extra_linears) + sum(g.count * g.params for g in self.groups))
 
 
-class _Fields:
+def with_warnings(spec: ArchSpec, *warnings: str) -> ArchSpec:
+    return replace(spec, warnings=spec.warnings + tuple(warnings))
+
+
+class Fields:
     """Reads config.json fields, remembering which required ones are missing."""
 
-    def __init__(self, config: dict[str, Any], source: str):
-        self.config, self.source, self.missing = config, source, []
+    # Widths and counts past these are no model: refuse them by name rather than overflow later.
+    MAX_COUNT = 10**15
+
+    def __init__(self, config: dict[str, Any], source: str, model_type: str = ""):
+        self.config, self.source, self.model_type, self.missing = config, source, model_type, []
 
     def get(self, *names: str, default: Any = None) -> Any:
         for name in names:
@@ -104,13 +249,18 @@ class _Fields:
         value = self.get(*names)
         if value is None:
             self.missing.append(" or ".join(names))
-            return 0
-        return self._positive(names[0], value)
+            return 1
+        return self.positive(names[0], value)
 
     def int_or(self, *names: str, default: int | None) -> int | None:
         """An optional positive integer."""
         value = self.get(*names)
-        return default if value is None else self._positive(names[0], value)
+        return default if value is None else self.positive(names[0], value)
+
+    def count_or_zero(self, *names: str) -> int:
+        """An optional non-negative integer (0 when absent): expert counts, dense-layer counts."""
+        value = self.get(*names, default=0)
+        return 0 if value == 0 else self.positive(names[0], value)
 
     def number_or(self, name: str, default: float) -> float:
         value = self.get(name, default=default)
@@ -118,189 +268,42 @@ class _Fields:
             raise ConfigError(f"{self.source}: {name} must be a positive number, got {value!r}")
         return value
 
-    def _positive(self, name: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{self.source}: {name} must be a positive integer, got {value!r}")
+    def int_list(self, name: str) -> list[int]:
+        value = self.get(name, default=[])
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{self.source}: {name} must be a list of layer indices, got {value!r}")
+        return value
+
+    def positive(self, name: str, value: Any) -> int:
+        if not positive_int(value) or value > self.MAX_COUNT:
+            raise ConfigError(f"{self.source}: {name} must be a positive integer up to {self.MAX_COUNT:.0e}, "
+                              f"got {str(value)[:40]!r}")
         return value
 
     def check(self):
         if self.missing:
-            raise ConfigError(f"{self.source}: config.json lacks required field(s): {', '.join(self.missing)}. "
-                              "Add them, or pass a complete Hugging Face config.json")
-
-
-def _layernorm(hidden: int, bias: bool = True) -> int:
-    return hidden * (2 if bias else 1)
-
-
-def _falcon(f: _Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("hidden_size", "d_model")
-    heads = f.need("num_attention_heads", "n_head")
-    layers = f.need("num_hidden_layers", "n_layer")
-    vocab = f.need("vocab_size")
-    f.check()
-    # Legacy "RefinedWeb" (Falcon-40B before transformers adopted it) is the new decoder architecture.
-    new_arch = bool(f.get("new_decoder_architecture", default=model_type == "refinedweb"))
-    multi_query = bool(f.get("multi_query", default=model_type == "refinedwebmodel"))
-    head_dim = hidden // heads
-    # NOTE: FalconAttention uses num_kv_heads only with the new decoder architecture, or without multi-query;
-    # a multi-query model has ONE K,V head whatever `num_kv_heads` says (fine-tunes often write 71 there).
-    if new_arch:
-        kv_heads = f.int_or("num_kv_heads", "n_head_kv", default=heads)
-    elif multi_query:
-        kv_heads = 1
-    else:
-        kv_heads = heads
-    bias = bool(f.get("bias", default=False))
-    if new_arch:
-        qkv_out = (heads + 2 * kv_heads) * head_dim
-    elif multi_query:
-        qkv_out = hidden + 2 * head_dim
-    else:
-        qkv_out = 3 * hidden
-    ffn = f.int_or("ffn_hidden_size", default=4 * hidden)
-    linears = (
-        Linear("self_attention.query_key_value", hidden, qkv_out, bias),
-        Linear("self_attention.dense", hidden, hidden, bias),
-        Linear("mlp.dense_h_to_4h", hidden, ffn, bias),
-        Linear("mlp.dense_4h_to_h", ffn, hidden, bias),
-    )
-    # FalconDecoderLayer: two LayerNorms without parallel attention, or with the new architecture's
-    # `num_ln_in_parallel_attn` of 2 (its default there); one otherwise.
-    if not f.get("parallel_attn", default=True):
-        norms = 2
-    else:
-        norms = 2 if f.get("num_ln_in_parallel_attn", default=2 if new_arch else 1) == 2 else 1
-    tied = f.get("tie_word_embeddings", default=True)
-    return ArchSpec(
-        name=name, model_type="falcon", hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
-        layer_norm_params=norms * _layernorm(hidden), embedding_params=vocab * hidden,
-        final_norm_params=_layernorm(hidden), lm_head=None if tied else Linear("lm_head", hidden, vocab),
-        intermediate_size=ffn, max_positions=f.int_or("max_position_embeddings", default=2048),
-    )
-
-
-def _llama(f: _Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("hidden_size")
-    heads = f.need("num_attention_heads")
-    layers = f.need("num_hidden_layers")
-    vocab = f.need("vocab_size")
-    inter = f.need("intermediate_size")
-    f.check()
-    # No num_key_value_heads means multi-head attention (LLaMA-1 configs predate the field).
-    kv_heads = f.int_or("num_key_value_heads", default=heads)
-    head_dim = f.int_or("head_dim", default=hidden // heads)
-    attn_bias = bool(f.get("attention_bias", default=False))
-    mlp_bias = bool(f.get("mlp_bias", default=False))
-    linears = (
-        Linear("self_attn.q_proj", hidden, heads * head_dim, attn_bias),
-        Linear("self_attn.k_proj", hidden, kv_heads * head_dim, attn_bias),
-        Linear("self_attn.v_proj", hidden, kv_heads * head_dim, attn_bias),
-        Linear("self_attn.o_proj", heads * head_dim, hidden, attn_bias),
-        Linear("mlp.gate_proj", hidden, inter, mlp_bias),
-        Linear("mlp.up_proj", hidden, inter, mlp_bias),
-        Linear("mlp.down_proj", inter, hidden, mlp_bias),
-    )
-    tied = bool(f.get("tie_word_embeddings", default=False))
-    window = f.int_or("sliding_window", default=None) if model_type == "mistral" else None
-    return ArchSpec(
-        name=name, model_type=model_type, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
-        layer_norm_params=2 * hidden, embedding_params=vocab * hidden, final_norm_params=hidden,
-        lm_head=None if tied else Linear("lm_head", hidden, vocab), intermediate_size=inter,
-        max_positions=f.int_or("max_sequence_length", "max_position_embeddings", default=2048), sliding_window=window,
-    )
-
-
-def _mpt(f: _Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("d_model", "hidden_size")
-    heads = f.need("n_heads", "num_attention_heads")
-    layers = f.need("n_layers", "num_hidden_layers")
-    vocab = f.need("vocab_size")
-    f.check()
-    attn = f.get("attn_config", default={})
-    if not isinstance(attn, dict):
-        raise ConfigError(f"{f.source}: attn_config must be a JSON object, got {attn!r}")
-    head_dim = hidden // heads
-    grouped = attn.get("attn_type") in ("grouped_query_attention", "multiquery_attention")
-    kv_heads = heads
-    if grouped:
-        kv_heads = 1 if attn.get("attn_type") == "multiquery_attention" else \
-            _Fields(attn, f.source + " attn_config").int_or("kv_n_heads", default=heads)
-    ffn = int(f.number_or("expansion_ratio", 4) * hidden)
-    linears = (
-        Linear("attn.Wqkv", hidden, hidden + 2 * kv_heads * head_dim),
-        Linear("attn.out_proj", hidden, hidden),
-        Linear("ffn.up_proj", hidden, ffn),
-        Linear("ffn.down_proj", ffn, hidden),
-    )
-    # MPT has no lm_head: logits come from the input embedding (tied), and its LayerNorms have no bias.
-    return ArchSpec(
-        name=name, model_type="mpt", hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, layer_linears=linears,
-        layer_norm_params=2 * hidden, embedding_params=vocab * hidden, final_norm_params=hidden,
-        lm_head=None, intermediate_size=ffn, max_positions=f.int_or("max_seq_len", default=None),
-    )
-
-
-def _gpt_neox(f: _Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("hidden_size")
-    heads = f.need("num_attention_heads")
-    layers = f.need("num_hidden_layers")
-    vocab = f.need("vocab_size")
-    inter = f.need("intermediate_size")
-    f.check()
-    bias = bool(f.get("attention_bias", default=True))
-    linears = (
-        Linear("attention.query_key_value", hidden, 3 * hidden, bias),
-        Linear("attention.dense", hidden, hidden, bias),
-        Linear("mlp.dense_h_to_4h", hidden, inter, True),
-        Linear("mlp.dense_4h_to_h", inter, hidden, True),
-    )
-    tied = bool(f.get("tie_word_embeddings", default=False))  # StableLM-Alpha's embed_out is its own matrix
-    return ArchSpec(
-        name=name, model_type="gpt_neox", hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=heads, head_dim=hidden // heads, vocab_size=vocab, layer_linears=linears,
-        layer_norm_params=2 * _layernorm(hidden), embedding_params=vocab * hidden,
-        final_norm_params=_layernorm(hidden), lm_head=None if tied else Linear("embed_out", hidden, vocab),
-        intermediate_size=inter, max_positions=f.int_or("max_position_embeddings", default=None),
-    )
-
-
-_READERS: dict[str, Callable[[_Fields, str, str], ArchSpec]] = {
-    "falcon": _falcon, "refinedweb": _falcon, "refinedwebmodel": _falcon,
-    "llama": _llama, "mistral": _llama,
-    "mpt": _mpt,
-    "gpt_neox": _gpt_neox,
-}
-SUPPORTED_MODEL_TYPES = tuple(_READERS)
+            kind = f"{self.model_type!r} " if self.model_type else ""
+            raise ConfigError(f"{self.source}: the {kind}config.json lacks required field(s): "
+                              f"{', '.join(self.missing)}. Add them, or pass a complete Hugging Face config.json")
 
 
 def spec_from_config(config: dict[str, Any], name: str = "model", source: str | None = None) -> ArchSpec:
-    """The architecture of a model from its config.json contents (a dict)."""
+    """The architecture of a model from its config.json contents (a dict), by its family's reader."""
+    from .families import READERS, SUPPORTED_MODEL_TYPES, llama_shaped_estimate
+
     source = source or name
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: config.json must hold a JSON object, not {type(config).__name__}")
     model_type = str(config.get("model_type", "")).lower()
-    reader = _READERS.get(model_type)
-    fields = _Fields(config, source)
+    reader = READERS.get(model_type)
+    fields = Fields(config, source, model_type)
     if reader is not None:
         return reader(fields, name, model_type)
-    # Unknown families: a Llama-shaped decoder is the common case (Qwen, Yi, InternLM...). Plan it, and say so.
     standard = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
-    if all(isinstance(config.get(k), int) for k in standard):
-        spec = _llama(fields, name, model_type or "unknown")
-        warning = (f"model_type {model_type or '(none)'!r} is not one falconbench knows; planned as a "
-                   "Llama-style decoder from its standard fields")
-        return _replace_warnings(spec, (warning,))
-    missing = [k for k in standard if not isinstance(config.get(k), int)]
+    if all(positive_int(config.get(k)) for k in standard):
+        return llama_shaped_estimate(fields, name, model_type)
+    missing = [k for k in standard if not positive_int(config.get(k))]
     raise ConfigError(
-        f"{source}: unsupported model_type {model_type or '(none)'!r} and config.json lacks the standard "
-        f"field(s) {', '.join(missing)}. Supported types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-
-def _replace_warnings(spec: ArchSpec, warnings: tuple[str, ...]) -> ArchSpec:
-    from dataclasses import replace
-
-    return replace(spec, warnings=spec.warnings + warnings)
+        f"{source}: model_type {model_type or '(none)'!r} has no falconbench reader and config.json lacks the "
+        f"standard field(s) {', '.join(missing)}. Readers: {', '.join(SUPPORTED_MODEL_TYPES)}; with torch and "
+        "transformers installed, any type transformers ships is laid out exactly")

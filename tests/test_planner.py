@@ -40,9 +40,14 @@ def test_kv_cache_is_linear_in_every_factor(context, batch, kv):
     assert row.kv_cache_bytes == per_token * context * batch
 
 
-def test_kv_dtype_does_not_follow_the_weights_scheme():
+def test_kv_cache_takes_the_compute_dtype_unless_named():
     spec = resolve_model("falcon-7b").spec()
-    assert {plan_point(spec, get_scheme(d), 2048, 1).kv_cache_bytes for d in SCHEMES} == {16 * 2**20}
+    by_scheme = {d: plan_point(spec, get_scheme(d), 2048, 1) for d in SCHEMES}
+    # transformers caches in the model's compute dtype: fp32 doubles it; int8 (fp16 compute) and nf4 do not shrink it
+    assert {d: r.kv_cache_bytes for d, r in by_scheme.items() if d != "fp32"} == dict.fromkeys(
+        set(SCHEMES) - {"fp32"}, 16 * 2**20)
+    assert by_scheme["fp32"].kv_cache_bytes == 32 * 2**20 and by_scheme["fp32"].kv_dtype == "fp32"
+    assert {plan_point(spec, get_scheme(d), 2048, 1, kv_dtype="bf16").kv_cache_bytes for d in SCHEMES} == {16 * 2**20}
 
 
 def test_quantized_schemes_shrink_only_the_linear_layers():
@@ -81,7 +86,8 @@ def test_context_beyond_positions_warns_in_the_row():
 def test_mistral_sliding_window_caps_the_cache():
     spec = resolve_model("mistral-7b").spec()
     at_window = kv_cache_bytes(spec, 4096, 1)
-    assert at_window == 2 * 32 * 8 * 128 * 4096 * 2
+    # K and V of the window, and the int64 length each DynamicSlidingWindowLayer keeps
+    assert at_window == 2 * 32 * 8 * 128 * 4096 * 2 + 32 * 8
     assert kv_cache_bytes(spec, 32768, 1) == at_window
     assert any("sliding window" in w for w in plan(models=["mistral-7b"], contexts=[8192])[0].warnings)
 

@@ -56,15 +56,16 @@ def test_gpt_neox_has_an_untied_embed_out():
     assert spec_from_config(config).lm_head.name == "embed_out"
 
 
-def test_unknown_type_with_standard_fields_is_planned_with_a_warning():
-    config = {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2,
+def test_unknown_type_with_standard_fields_is_planned_as_a_labelled_estimate():
+    config = {"model_type": "internlm9", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2,
               "num_hidden_layers": 24, "vocab_size": 151936, "intermediate_size": 4864, "tie_word_embeddings": True}
     spec = spec_from_config(config)
-    assert spec.num_kv_heads == 2 and "qwen2" in spec.warnings[0]
+    assert spec.num_kv_heads == 2 and "internlm9" in spec.warnings[0] and "ESTIMATE" in spec.warnings[0]
+    assert spec.exactness == "estimate"
 
 
 def test_unknown_type_without_standard_fields_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unsupported model_type 'bert2'.*hidden_size"):
+    with pytest.raises(ConfigError, match="model_type 'bert2' has no falconbench reader.*hidden_size"):
         spec_from_config({"model_type": "bert2", "dim": 768})
 
 

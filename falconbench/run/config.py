@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import RunError, UsageError
 from ..planner import DEVICES, check_positive
-from ..schemes import Scheme, get_scheme
+from ..schemes import Scheme, get_scheme, kv_dtype_for  # noqa: F401 - kv_dtype_for is re-exported
 from ..sources import ModelSource
 
 RUN_DEVICES: tuple[str, ...] = ("auto",) + DEVICES
@@ -121,11 +121,6 @@ class RunConfig:
         spec = self.quality_spec()
         return {"reference": self.reference, "eval_text": spec.text_name(), "eval_tokens": self.eval_tokens,
                 "window": self.window, "stride": self.stride}
-
-
-def kv_dtype_for(scheme: Scheme) -> str:
-    """The cache takes the model's activation dtype: fp32 models cache in fp32, everything else in 16 bits."""
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[scheme.torch_dtype]
 
 
 def quantization_settings(scheme: Scheme, int8_threshold: float) -> dict[str, Any] | None:
