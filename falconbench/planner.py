@@ -198,7 +198,7 @@ def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtyp
     if spec.max_positions and context > spec.max_positions:
         warnings.append(f"context {context} exceeds the model's {spec.max_positions} positions")
     if spec.sliding_window and context > spec.sliding_window:
-        warnings.append(f"sliding-window layers hold {spec.sliding_window} tokens of the {context}")
+        warnings.append(f"sliding window: those layers hold {spec.sliding_window} of the {context} tokens")
     split = kv_cache_by_layer_type(spec, context, batch, kv_dtype_bytes(kv_dtype), act_bytes)
     row = PlanRow(
         model=spec.name, dtype=scheme.name, context=context, batch=batch, kv_dtype=kv_dtype,
