@@ -20,7 +20,8 @@ def mamba(f: Fields, name: str, model_type: str) -> ArchSpec:
     f.check()
     state = f.int_or("state_size", "d_state", default=16)
     kernel = f.int_or("conv_kernel", "d_conv", default=4)
-    inter = f.int_or("intermediate_size", default=f.int_or("expand", default=2) * hidden)
+    # NOTE: MambaConfig derives the width from `expand` and ignores any intermediate_size in config.json.
+    inter = int(f.number_or("expand", 2) * hidden)
     rank = f.get("time_step_rank", default="auto")
     rank = ceil(hidden / 16) if rank == "auto" else f.positive("time_step_rank", rank)
     bias, conv_bias = bool(f.get("use_bias", default=False)), bool(f.get("use_conv_bias", default=True))
