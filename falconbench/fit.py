@@ -19,8 +19,8 @@ from typing import Callable, Iterable, Sequence
 from .calibrate import Calibration, QualityCost, read_calibration
 from .errors import UsageError
 from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
-from .planner import SAFETY_MARGIN, check_positive, fits_on, plan_point
-from .schemes import DEFAULT_DTYPES, Scheme, get_scheme
+from .planner import SAFETY_MARGIN, check_positive, fits_on, layer_bytes, outer_bytes, plan_point
+from .schemes import DEFAULT_DTYPES, Scheme, compute_bytes, get_scheme, kv_dtype_bytes
 from .sources import resolve_model
 from .spec import ArchSpec
 
@@ -80,27 +80,26 @@ def usable_bytes(gpu: GPU, margin: float) -> int:
     return int(gpu.memory_bytes * (1 - margin))
 
 
-def layer_weight_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, int, int]:
-    """(embeddings, one decoder layer, final norm + head) bytes; first + layers × middle + last = weights_bytes."""
-    linears = sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features) for lin in spec.layer_linears)
-    biases = sum(lin.out_features for lin in spec.layer_linears if lin.bias)
-    layer = linears + (spec.layer_norm_params + biases) * scheme.float_bytes
-    head = spec.lm_head.params if spec.lm_head else 0  # a tied head reuses the embedding on the first card
-    return spec.embedding_params * scheme.float_bytes, layer, (spec.final_norm_params + head) * scheme.float_bytes
+def layer_weight_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, tuple[tuple[int, int], ...], int]:
+    """(embeddings, (layer count, one layer's bytes) per group, final norm + head); they add up to
+    `weights_bytes`."""
+    first, last = outer_bytes(spec, scheme)
+    return first, tuple((g.count, layer_bytes(g, scheme)) for g in spec.groups), last
 
 
 def split_items(footprint: Footprint, context: int, batch: int) -> list[int]:
-    """Bytes in the order accelerate places modules: embeddings, each decoder layer with its KV cache, the head.
+    """Bytes in the order accelerate places modules: embeddings, each decoder layer with its cache, the head.
 
     Measured weights (a calibrated run) are spread over the pieces in proportion to the planned ones.
     """
-    spec = footprint.spec
-    first, layer, last = layer_weight_bytes(spec, footprint.scheme)
-    pieces = [first] + [layer] * spec.num_layers + [last]
-    weights, kv, _ = footprint.parts(context, batch)
-    pieces = rescale(pieces, weights)
-    kv_per_layer = kv // spec.num_layers  # exact: the KV formula has the layer count as a factor
-    return [p + (kv_per_layer if 0 < i <= spec.num_layers else 0) for i, p in enumerate(pieces)]
+    spec, scheme = footprint.spec, footprint.scheme
+    first, groups, last = layer_weight_bytes(spec, scheme)
+    kv_width, state = kv_dtype_bytes("auto", scheme), compute_bytes(scheme)
+    weights = [first] + [layer for count, layer in groups for _ in range(count)] + [last]
+    caches = [0] + [sum(c.bytes(context, batch, kv_width, state) for c in g.caches)
+                    for g in spec.groups for _ in range(g.count)] + [0]
+    weights = rescale(weights, footprint.parts(context, batch)[0])
+    return [w + c for w, c in zip(weights, caches)]
 
 
 def rescale(pieces: Sequence[int], total: int) -> list[int]:
@@ -176,6 +175,10 @@ class FitRow:
     calibrated: tuple[str, ...] = ()
     recommended: bool = False
     warnings: tuple[str, ...] = field(default=())
+    # What stops the context growing on one card: "kv cache" (and activations) when a layer's cache grows with
+    # every token; "prefill activations" when every cache stops (sliding windows, recurrent state): chunked
+    # prefill would lift that limit, the cache never sets one.
+    context_limited_by: str = "kv cache"
 
     def __post_init__(self):
         if self.total_bytes != self.weights_bytes + self.kv_cache_bytes + self.runtime_bytes:
@@ -219,6 +222,7 @@ def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: fl
         # after card, so one card's bandwidth bounds it just the same.
         decode_tokens_per_second_bound=gpu.bandwidth_bytes_per_second / (weights + kv),
         calibrated=footprint.calibrated, warnings=plan_point(spec, scheme, context, batch).warnings,
+        context_limited_by="kv cache" if spec.cache_grows else "prefill activations",
     )
 
 

@@ -15,7 +15,7 @@ from .gpus import GPU, gpu_profiles, runs_dtype
 from .libraries import experts_quantized
 from .schemes import FP32, Scheme, compute_bytes, get_scheme, kv_dtype_bytes, kv_dtype_for
 from .sources import resolve_model
-from .spec import ArchSpec, Linear, positive_int
+from .spec import ArchSpec, LayerGroup, Linear, positive_int
 
 MIB = 2**20
 AttnImpl = Literal["sdpa", "eager"]
@@ -86,8 +86,8 @@ class PlanRow:
         return self.unquantized_params > 0
 
 
-def quantized_linears(spec: ArchSpec, scheme: Scheme) -> Iterator[tuple[int, Linear]]:
-    """(how many, linear) for every linear layer bitsandbytes holds quantized in `scheme` (none for a float one).
+def layer_quantized_linears(group: LayerGroup, scheme: Scheme) -> Iterator[tuple[int, Linear]]:
+    """(how many, linear) per layer of `group` that bitsandbytes holds quantized in `scheme` (none if float).
 
     transformers' integration replaces nn.Linear and Conv1D modules, never the output head; falconbench's loader
     also quantizes the nn.Linear subclasses transformers 5 skips (Falcon's FalconLinear). Fused experts follow
@@ -95,34 +95,49 @@ def quantized_linears(spec: ArchSpec, scheme: Scheme) -> Iterator[tuple[int, Lin
     """
     if not scheme.quantized:
         return
-    for lin in spec.extra_linears:
+    for lin in group.linears:
         yield 1, lin
-    for group in spec.groups:
-        for lin in group.linears:
-            yield group.count, lin
-        for experts in group.experts:
-            if experts_quantized(experts.fused_since_v4):
-                for lin in experts.linears:
-                    yield group.count * experts.num_experts, lin
+    for experts in group.experts:
+        if experts_quantized(experts.fused_since_v4):
+            for lin in experts.linears:
+                yield experts.num_experts, lin
 
 
 def quantized_params(spec: ArchSpec, scheme: Scheme) -> int:
     """Weights (biases excluded) that bitsandbytes stores quantized; 0 for a float scheme."""
-    return sum(n * lin.in_features * lin.out_features for n, lin in quantized_linears(spec, scheme))
+    if not scheme.quantized:
+        return 0
+    outer = sum(lin.in_features * lin.out_features for lin in spec.extra_linears)
+    return outer + sum(g.count * n * lin.in_features * lin.out_features
+                       for g in spec.groups for n, lin in layer_quantized_linears(g, scheme))
+
+
+def layer_bytes(group: LayerGroup, scheme: Scheme) -> int:
+    """Bytes of ONE layer of `group` in `scheme`: quantized linears in the scheme's storage (biases stay
+    floating point), everything else at the float width, `_keep_in_fp32_modules_strict` parameters in float32."""
+    quantized = list(layer_quantized_linears(group, scheme))
+    stored = sum(n * scheme.linear_weight_bytes(lin.in_features, lin.out_features) for n, lin in quantized)
+    floating = group.params - group.fp32_params - sum(n * lin.in_features * lin.out_features for n, lin in quantized)
+    return stored + floating * scheme.float_bytes + group.fp32_params * FP32
+
+
+def outer_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, int]:
+    """(embeddings with any input/output projections, final norm + head) bytes: what sits outside the layers."""
+    extra = sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features) if scheme.quantized
+                else lin.in_features * lin.out_features * scheme.float_bytes for lin in spec.extra_linears)
+    extra += sum(lin.out_features for lin in spec.extra_linears if lin.bias) * scheme.float_bytes
+    head = spec.lm_head.params if spec.lm_head else 0  # a tied head is the embedding itself
+    return spec.embedding_params * scheme.float_bytes + extra, (spec.final_norm_params + head) * scheme.float_bytes
 
 
 def weights_bytes(spec: ArchSpec, scheme: Scheme) -> int:
-    """Bytes of all parameters as loaded in `scheme`.
+    """Bytes of all parameters as loaded in `scheme` (`layer_bytes` per layer, `outer_bytes` around them).
 
-    Quantized linears take the scheme's storage (their biases stay floating point); everything else, the
-    embeddings, norms, routers, unquantized experts and the output head, keeps the floating-point width, and
-    `_keep_in_fp32_modules_strict` parameters stay float32. Tied weights count once.
+    Embeddings, norms, routers, unquantized experts and the output head keep the floating-point width. Tied
+    weights count once.
     """
-    quantized = sum(n * scheme.linear_weight_bytes(lin.in_features, lin.out_features)
-                    for n, lin in quantized_linears(spec, scheme))
-    fp32 = sum(g.count * g.fp32_params for g in spec.groups)
-    floating = spec.param_count - quantized_params(spec, scheme) - fp32
-    return quantized + floating * scheme.float_bytes + fp32 * FP32
+    first, last = outer_bytes(spec, scheme)
+    return first + last + sum(g.count * layer_bytes(g, scheme) for g in spec.groups)
 
 
 def unquantized_blocks(spec: ArchSpec, scheme: Scheme) -> list[tuple[str, int]]:

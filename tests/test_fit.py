@@ -131,8 +131,8 @@ def test_margin_moves_the_line():
 def test_split_pieces_add_up_to_the_planners_weights(model):
     s = spec(model)
     for scheme in SCHEMES.values():
-        first, layer, last = layer_weight_bytes(s, scheme)
-        assert first + s.num_layers * layer + last == weights_bytes(s, scheme)
+        first, groups, last = layer_weight_bytes(s, scheme)
+        assert first + sum(count * layer for count, layer in groups) + last == weights_bytes(s, scheme)
     items = split_items(Footprint(s, get_scheme("nf4")), 2048, 3)
     assert sum(items) == weights_bytes(s, get_scheme("nf4")) + kv_cache_bytes(s, 2048, 3)
 

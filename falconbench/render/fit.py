@@ -75,6 +75,8 @@ def caption(rows: Sequence[FitRow]) -> str:
             "device_map=\"auto\" places them. tok/s: memory-bandwidth bound per sequence.")
     if any(r.max_context_beyond_positions for r in rows):
         text += f" *beyond the model's {first.position_limit:,} positions."
+    for warning in dict.fromkeys(w for r in rows for w in r.warnings):
+        text += f" Warning: {warning}."
     return text
 
 
@@ -103,6 +105,8 @@ def recommendation_line(rec: Recommendation, calibrated: bool) -> str:
         return f"Recommendation ({request}): no card here holds this model, even split whole layer by layer."
     if row.fits:
         beyond = " (beyond the model's position limit)" if row.max_context_beyond_positions else ""
+        if row.context_limited_by != "kv cache":
+            beyond += " (set by the prefill activations: this model's cache does not grow with the context)"
         text = (f"Recommendation ({request}): {row.gpu} in {row.dtype}, {format_bytes(row.total_bytes)} of "
                 f"{format_bytes(row.usable_bytes)} usable; up to {row.max_context:,} tokens{beyond} or batch "
                 f"{row.max_batch:,}; {_speed(row)}")

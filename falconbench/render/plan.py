@@ -16,10 +16,30 @@ RIGHT = (False, False, False, True, True, True, True, True, True, False, False)
 
 def _cells(row: PlanRow) -> list[str]:
     smallest = row.fits_gpus[0] if row.fits_gpus else "none (split or quantize)"
-    attention = f"{row.attention} ({row.kv_heads} KV)"
-    return [row.model, attention, row.dtype, f"{row.context:,}", str(row.batch), format_bytes(row.weights_bytes),
+    attention = f"{row.attention} ({row.kv_heads} KV)" if row.kv_heads else row.attention
+    return [row.model, attention, row.dtype, f"{row.context:,}", str(row.batch), weights_cell(row),
             format_bytes(row.kv_cache_bytes), format_bytes(row.runtime_bytes), format_bytes(row.total_bytes),
             smallest, "; ".join(row.warnings)]
+
+
+def weights_cell(row) -> str:
+    """Weights, marked `~` when they are an estimate and `†` when the libraries leave a block unquantized."""
+    marks = ("~" if row.exactness != "exact" else "") + ("†" if row.limited_by_libraries else "")
+    return format_bytes(row.weights_bytes) + marks
+
+
+def exactness_note(rows) -> str:
+    """What the marks mean, naming the rows; a plain "exact" only when every row is."""
+    estimates = sorted({r.model for r in rows if r.exactness != "exact"})
+    limited = sorted({f"{r.model} {r.dtype}" for r in rows if r.limited_by_libraries})
+    notes = []
+    if estimates:
+        notes.append(f"~ ESTIMATE, not exact: {', '.join(estimates)} (no falconbench reader; install torch and "
+                     "transformers, pip install 'falconbench[run]', to lay it out exactly).")
+    if limited:
+        notes.append(f"† Exact, but limited by the libraries: {', '.join(limited)} keep fused MoE experts 16-bit "
+                     "(bitsandbytes quantizes only nn.Linear; see Warnings).")
+    return " ".join(notes)
 
 
 def plan_table(rows: Sequence[PlanRow]) -> Table:
@@ -40,7 +60,10 @@ def _caption(rows: Sequence[PlanRow]) -> str:
     if not rows:
         return ""
     r = rows[0]
-    return (f"Weights and KV cache are exact ({r.kv_dtype} cache). *Runtime is an estimate: CUDA context, "
+    exact = "Weights and KV cache are exact" if all(x.exactness == "exact" for x in rows) else \
+        "Weights and KV cache are exact except where marked ~"
+    note = exactness_note(rows)
+    return (f"{exact} ({r.kv_dtype} cache). {note + ' ' if note else ''}*Runtime is an estimate: CUDA context, "
             f"prefill activations and logits ({r.attn_impl} attention). Smallest GPU keeps "
             f"{SAFETY_MARGIN:.0%} of its memory free.")
 
