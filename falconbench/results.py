@@ -47,6 +47,8 @@ class RunResult:
     # quantization guard
     quantized_layers: int | None = None
     linear_layers: int | None = None
+    quantized_params: int | None = None  # weights bitsandbytes holds (logical elements), of `params`
+    params: int | None = None
     # latency
     load_seconds: float | None = None
     ttft_seconds: float | None = None

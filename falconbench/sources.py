@@ -94,6 +94,20 @@ def find_in_hub_cache(repo_id: str) -> Path | None:
     return None
 
 
+def bundled_model(name: str) -> ModelSource | None:
+    """A model that ships inside a package (`falconbench models list`): its converted folder once `run` or
+    `models get` made it, else the config.json that conversion writes, shipped in falconbench/data/zoo/."""
+    from .zoo import ZOO, cached_model_dir
+
+    if name not in ZOO:
+        return None
+    folder = cached_model_dir(name)
+    if folder is not None:
+        return ModelSource(name, folder, folder / "config.json", read_config(folder / "config.json"), "bundled")
+    shipped = Path(__file__).resolve().parent / "data" / "zoo" / f"{name}.json"
+    return ModelSource(name, shipped.parent, shipped, read_config(shipped), "bundled")
+
+
 def resolve_model(model: str) -> ModelSource:
     """Find `model`: a profile name, a folder with config.json, a config.json path, or a cached hub id."""
     text = model.strip()
@@ -102,6 +116,9 @@ def resolve_model(model: str) -> ModelSource:
     profile = profiles_dir() / "models" / text.lower() / "config.json"
     if "/" not in text and profile.is_file():
         return ModelSource(text.lower(), profile.parent, profile, read_config(profile), "profile")
+    bundled = bundled_model(text.lower())
+    if bundled is not None:
+        return bundled
     path = Path(text).expanduser()
     try:
         is_dir, is_file = path.is_dir(), path.is_file()

@@ -187,3 +187,26 @@ def test_a_hub_id_loads_from_the_local_cache_offline(tiny_llama_dir, tmp_path, m
     assert source.kind == "hub-cache"
     loaded = loading.load_model(RunConfig("org/tiny-llama", "nf4"), source, no_sync)
     assert loading.count_quantized(loaded.model) == (14, 14)
+
+
+def test_fused_experts_are_counted_by_parameters_and_named(tmp_path):
+    """A tiny Mixtral in nf4: 8 of 8 linear layers are quantized, yet most parameters stay bf16 in the fused experts.
+    The guard counts parameters, names the block, and agrees with the plan."""
+    from tiny_models import TINY_MIXTRAL, write_config
+
+    folder = write_config(tmp_path / "mixtral", TINY_MIXTRAL)
+    loaded = build(folder, "nf4")
+    census = loading.parameter_census(loaded.model)
+    spec = resolve_model(str(folder)).spec()
+    assert loading.count_quantized(loaded.model) == (8, 8)  # the old guard: "fully quantized"
+    assert census.params == spec.param_count
+    assert census.quantized_params == worker.planned_quantized_params(RunConfig(str(folder), "nf4"),
+                                                                      resolve_model(str(folder)))
+    assert census.quantized_share < 0.25
+    assert census.float_blocks[0][0] == "model.layers.*.mlp.experts"
+    assert census.float_blocks[0][1] == spec.experts_params
+    worker.check_quantized_share(RunConfig(str(folder), "nf4"), census, census.quantized_params)  # as planned
+    with pytest.raises(RunError, match="model.layers.*mlp.experts"):
+        worker.check_quantized_share(RunConfig(str(folder), "nf4"), census, census.params)  # more was planned
+    assert footprint.weights_bytes(loaded.model) - planned_weights_bytes(spec, SCHEMES["nf4"]) == \
+        footprint.tensor_bytes(loaded.model.buffers())

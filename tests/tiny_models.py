@@ -43,3 +43,10 @@ def save_tiny_model(folder: Path, config: dict[str, Any], dtype: str = "bfloat16
     model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder
+
+TINY_MIXTRAL: dict[str, Any] = {
+    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 256, "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}

@@ -94,7 +94,8 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None)
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, (list, tuple))
+                         else json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -75,8 +75,15 @@ def _status(row: RunResult) -> str:
     return f"[{style}]{row.status}[/{style}]"
 
 
+def quantized_cell(row: RunResult) -> str:
+    """The share of parameters bitsandbytes holds (layers for rows recorded before parameters were counted)."""
+    if row.params:
+        return f"{(row.quantized_params or 0) / row.params:.0%}"
+    return "-" if row.linear_layers is None else f"{row.quantized_layers}/{row.linear_layers}"
+
+
 def memory_cells(row: RunResult, ref: RunResult) -> list[str]:
-    quantized = "-" if row.linear_layers is None else f"{row.quantized_layers}/{row.linear_layers}"
+    quantized = quantized_cell(row)
     return [
         row.dtype, _status(row), quantized, format_bytes(row.weights_bytes),
         _times(row.weights_bytes, ref.weights_bytes),
@@ -190,6 +197,13 @@ def _caption(rows: Sequence[RunResult]) -> str:
         lines.append(f"Token CV above {NOISY_CV:.0%} ({', '.join(noisy)}): noisy timings, a busy machine? "
                      "Rerun with more --repeats.")
     lines += [f"{r.dtype}: {r.status}: {escape(r.error)}" for r in rows if r.error]
+    for r in rows:
+        blocks = r.memory.get("unquantized_blocks") if isinstance(r.memory, dict) else None
+        if blocks and isinstance(blocks, list):
+            named = ", ".join(f"{escape(str(b[0]))} ({format_percent(b[1] / r.params, signed=False)})"
+                              for b in blocks if isinstance(b, list) and len(b) == 2 and r.params)
+            lines.append(f"{r.dtype}: only {quantized_cell(r)} of the parameters are quantized; 16-bit blocks "
+                         f"remain: {named} (fused MoE experts: bitsandbytes quantizes only nn.Linear).")
     if all(r.perplexity is None for r in rows):
         skipped = next((r.quality["skipped"] for r in rows if r.quality.get("skipped")), None)
         if skipped:

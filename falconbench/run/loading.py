@@ -79,6 +79,53 @@ def count_quantized(model) -> tuple[int, int]:
     return sum(is_quantized(m) for _, m in layers), len(layers)
 
 
+# A float block of more than this share of the parameters, beyond the embeddings and the output head, is named.
+LARGE_FLOAT_BLOCK_SHARE = 0.02
+
+
+@dataclass(frozen=True)
+class ParameterCensus:
+    """Who holds the parameters of a loaded model: bitsandbytes (quantized) or float tensors, and which large float
+    blocks remain besides the embeddings and the output head (fused MoE experts, say)."""
+
+    params: int
+    quantized_params: int
+    float_blocks: tuple[tuple[str, int], ...]  # (module path with layer indices as *, parameters)
+
+    @property
+    def quantized_share(self) -> float:
+        return self.quantized_params / self.params if self.params else 0.0
+
+
+def parameter_census(model) -> ParameterCensus:
+    """Count parameters by holder; a quantized weight counts its logical in × out elements, not its packed bytes."""
+    import re
+
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    quantized = total = 0
+    blocks: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        holds_quantized = is_quantized(module)
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if holds_quantized and param_name == "weight":
+                n = module.in_features * module.out_features
+                quantized += n
+            else:
+                n = param.numel()
+                if id(param) not in embeddings:
+                    block = re.sub(r"\.\d+(\.|$)", r".*\1", name)
+                    blocks[block] = blocks.get(block, 0) + n
+            total += n
+    large = tuple(sorted(((b, n) for b, n in blocks.items() if n > LARGE_FLOAT_BLOCK_SHARE * total),
+                         key=lambda item: -item[1]))
+    return ParameterCensus(total, quantized, large)
+
+
 def check_cpu_4bit_shapes(layers: list[tuple[str, int]], block_n: int = CPU_4BIT_BLOCK_N) -> None:
     """Refuse layers whose output features bitsandbytes' CPU 4-bit kernel cannot pack.
 

@@ -179,12 +179,17 @@ def load_phase(config: RunConfig, source, tracker, emit: Emit, fields: dict[str,
     loaded, seconds = timed(lambda: loading.load_model(config, source, tracker.synchronize), tracker.synchronize)
     tracker.end("load")
     quantized, linear = loading.count_quantized(loaded.model)
+    census = loading.parameter_census(loaded.model)
     fields.update(load_seconds=seconds, quantized_layers=quantized, linear_layers=linear,
+                  quantized_params=census.quantized_params, params=census.params,
                   weights_bytes=footprint.weights_bytes(loaded.model))
     fields["latency"] = {"load_seconds": {**loaded.seconds, "total": seconds}}
     fields["memory"] = {"quantized_by": loaded.quantized_by, "phases": dict(tracker.phases)}
     fields["peak_memory_bytes"] = tracker.peak_bytes()
+    if config.scheme.quantized and census.float_blocks:
+        fields["memory"]["unquantized_blocks"] = [list(block) for block in census.float_blocks]
     check_quantized(config, quantized, linear)
+    check_quantized_share(config, census, planned_quantized_params(config, source))
     return loaded.model
 
 
@@ -194,6 +199,23 @@ def check_quantized(config: RunConfig, quantized: int, linear: int) -> None:
         raise RunError(f"{config.dtype} was asked for but only {quantized} of {linear} linear layers hold "
                        "bitsandbytes-quantized weights, so this row would measure a float model. Check the "
                        "bitsandbytes install (python -m bitsandbytes) and the model's layer types")
+
+
+def planned_quantized_params(config: RunConfig, source) -> int:
+    from ..planner import quantized_params
+
+    return quantized_params(source.spec(), config.scheme)
+
+
+def check_quantized_share(config: RunConfig, census, planned: int) -> None:
+    """A quantized row must hold at least the parameters the plan says bitsandbytes quantizes; less means a
+    block was left 16-bit that the plan did not expect, and the row would measure something else."""
+    if not config.scheme.quantized or census.quantized_params >= planned * 0.99:
+        return
+    blocks = ", ".join(f"{name} ({n / census.params:.0%})" for name, n in census.float_blocks[:4]) or "none named"
+    raise RunError(f"{config.dtype} was asked for but bitsandbytes holds {census.quantized_share:.0%} of the "
+                   f"parameters, against {planned / census.params:.0%} planned; 16-bit blocks: {blocks}. The row "
+                   "would not measure the planned configuration. Check the model's layer types")
 
 
 def speed_phase(config: RunConfig, model, tracker, emit: Emit, fields: dict[str, Any]) -> None:
