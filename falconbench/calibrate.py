@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .errors import ResultsError
 from .planner import kv_cache_bytes
 from .results import GPU_NAME_KEYS, RunResult, as_float, as_mapping, environment_name, latest_rows, read_results
-from .schemes import get_scheme
+from .schemes import get_scheme, kv_dtype_bytes
 from .spec import ArchSpec
 
 
@@ -78,10 +78,17 @@ def measured_on(row: RunResult) -> str:
 
 
 def run_point(spec: ArchSpec, row: RunResult) -> tuple[int, int]:
-    """(context, batch) the run measured at: the batch from its settings, the context from its measured cache."""
-    batch = count(as_mapping(row.settings).get("batch")) or 1
-    width = 4 if get_scheme(row.dtype).torch_dtype == "float32" else 2
+    """(context, batch) the run measured at: both from its settings (`cached_tokens`), or for older rows the
+    context read back from the measured cache of a model whose cache grows with every token."""
+    settings = as_mapping(row.settings)
+    batch = count(settings.get("batch")) or 1
+    cached = count(settings.get("cached_tokens"))
+    if cached:
+        return cached, batch
+    width = kv_dtype_bytes("auto", get_scheme(row.dtype))
     per_token = kv_cache_bytes(spec, 1, batch, width)
+    if not spec.cache_grows or not per_token:
+        return 1, batch
     return max(1, (count(row.kv_cache_bytes) or 0) // per_token), batch
 
 

@@ -137,13 +137,21 @@ def test_plan_never_imports_torch():
         import sys
         from falconbench.cli import main
         try:
-            main(["plan", "-m", "falcon-7b,falcon-40b", "-d", "bf16,int8,nf4", "-f", "json"])
+            main(["plan", "-m", "falcon-7b,falcon-40b,mixtral-8x7b,gemma-2-9b,falcon-mamba-7b,smollm2",
+                  "-d", "bf16,int8,nf4", "-f", "json"])
         except SystemExit as e:
             assert not e.code, e.code
         heavy = [m for m in ("torch", "transformers", "bitsandbytes", "accelerate", "pynvml", "matplotlib", "numpy")
                  if m in sys.modules]
         assert not heavy, heavy
     """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_importing_the_planner_loads_no_run_machinery():
+    code = ("import sys, falconbench.planner, falconbench.fit; "
+            "loaded = [m for m in sys.modules if m.startswith(('multiprocessing', 'falconbench.run'))]; "
+            "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
