@@ -280,6 +280,15 @@ class Fields:
                               f"got {str(value)[:40]!r}")
         return value
 
+    def head_dim(self, hidden: int, heads: int, field: str | None = "head_dim") -> int:
+        """The configured head width (`field`), or hidden ÷ heads; refused by name when the heads do not fit."""
+        if field and self.get(field) is not None:
+            return self.positive(field, self.get(field))
+        if hidden // heads < 1:
+            raise ConfigError(f"{self.source}: {heads} attention heads do not fit a hidden size of {hidden} "
+                              "(each head would be 0 wide). Check num_attention_heads and hidden_size")
+        return hidden // heads
+
     def check(self):
         if self.missing:
             kind = f"{self.model_type!r} " if self.model_type else ""

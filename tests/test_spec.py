@@ -78,3 +78,20 @@ def test_heads_that_do_not_divide_into_groups_are_refused():
     with pytest.raises(ConfigError, match="cannot be split"):
         spec_from_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3,
                           "num_hidden_layers": 1, "vocab_size": 10, "intermediate_size": 8})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "falcon", "gpt2", "bloom", "qwen2", "mixtral"])
+def test_more_heads_than_width_names_the_file_and_fields(model_type):
+    config = {"model_type": model_type, "hidden_size": 4, "n_embd": 4, "num_attention_heads": 8, "n_head": 8,
+              "num_hidden_layers": 2, "n_layer": 2, "vocab_size": 10, "intermediate_size": 8,
+              "num_local_experts": 2}
+    with pytest.raises(ConfigError, match=r"^dir/config.json: 8 attention heads do not fit a hidden size of 4"):
+        spec_from_config(config, source="dir/config.json")
+
+
+def test_a_huge_layer_count_is_counted_not_enumerated():
+    config = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 10**12, "vocab_size": 100, "intermediate_size": 128, "head_dim": 16}
+    spec = spec_from_config(config)
+    assert spec.num_layers == 10**12
+    assert {c.kind: n for n, c in spec.caches} == {"full_attention": 10**12 // 2, "sliding_attention": 10**12 // 2}

@@ -15,7 +15,7 @@ def uniform(name: str, model_type: str, *, hidden: int, heads: int, kv_heads: in
             linears: tuple[Linear, ...], layer_float: int, embedding: int, final_norm: int, head: Linear | None,
             inter: int, max_positions: int | None, extra: tuple[Linear, ...] = ()) -> ArchSpec:
     """A decoder of identical full-attention layers."""
-    head_dim = hidden // heads
+    head_dim = hidden // heads  # checked by f.head_dim above
     group = LayerGroup(layers, linears, layer_float, (attention_cache("full_attention", kv_heads, head_dim, None),))
     return ArchSpec(name=name, model_type=model_type, hidden_size=hidden, num_heads=heads, vocab_size=vocab,
                     groups=(group,), embedding_params=embedding, final_norm_params=final_norm, lm_head=head,
@@ -29,10 +29,11 @@ def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("num_hidden_layers", "n_layer")
     vocab = f.need("vocab_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     # Legacy "RefinedWeb" (Falcon-40B before transformers adopted it) is the new decoder architecture.
     new_arch = bool(f.get("new_decoder_architecture", default=model_type == "refinedweb"))
     multi_query = bool(f.get("multi_query", default=model_type == "refinedwebmodel"))
-    head_dim = hidden // heads
+    head_dim = hidden // heads  # checked by f.head_dim above
     # NOTE: FalconAttention uses num_kv_heads only with the new decoder architecture, or without multi-query;
     # a multi-query model has ONE K,V head whatever `num_kv_heads` says (fine-tunes often write 71 there).
     if new_arch:
@@ -72,10 +73,11 @@ def mpt(f: Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("n_layers", "num_hidden_layers")
     vocab = f.need("vocab_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     attn = f.get("attn_config", default={})
     if not isinstance(attn, dict):
         raise ConfigError(f"{f.source}: attn_config must be a JSON object, got {str(attn)[:40]!r}")
-    head_dim = hidden // heads
+    head_dim = hidden // heads  # checked by f.head_dim above
     kv_heads = heads
     if attn.get("attn_type") == "multiquery_attention":
         kv_heads = 1
@@ -101,6 +103,7 @@ def gpt_neox(f: Fields, name: str, model_type: str) -> ArchSpec:
     vocab = f.need("vocab_size")
     inter = f.need("intermediate_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     bias = bool(f.get("attention_bias", default=True))
     linears = (
         Linear("attention.query_key_value", hidden, 3 * hidden, bias),
@@ -122,6 +125,7 @@ def gpt2(f: Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("n_layer", "num_hidden_layers")
     vocab = f.need("vocab_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     positions = f.int_or("n_positions", "max_position_embeddings", default=1024)
     inner = f.int_or("n_inner", default=4 * hidden)
     linears = (
@@ -144,6 +148,7 @@ def gptj(f: Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("n_layer", "num_hidden_layers")
     vocab = f.need("vocab_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     inner = f.int_or("n_inner", default=4 * hidden)
     linears = (
         Linear("attn.k_proj", hidden, hidden), Linear("attn.v_proj", hidden, hidden),
@@ -165,6 +170,7 @@ def opt(f: Fields, name: str, model_type: str) -> ArchSpec:
     vocab = f.need("vocab_size")
     ffn = f.need("ffn_dim")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     positions = f.int_or("max_position_embeddings", default=2048)
     proj = f.int_or("word_embed_proj_dim", default=hidden)
     bias = bool(f.get("enable_bias", default=True))
@@ -193,6 +199,7 @@ def bloom(f: Fields, name: str, model_type: str) -> ArchSpec:
     layers = f.need("n_layer", "num_hidden_layers")
     vocab = f.need("vocab_size")
     f.check()
+    f.head_dim(hidden, heads, field=None)
     linears = (
         Linear("self_attention.query_key_value", hidden, 3 * hidden, True),
         Linear("self_attention.dense", hidden, hidden, True),

@@ -36,7 +36,7 @@ def read_dims(f: Fields, head_dim_default: int | None = None, inter: bool = True
     f.check()
     # No num_key_value_heads means multi-head attention (LLaMA-1 configs predate the field).
     kv_heads = f.int_or("num_key_value_heads", default=heads)
-    head_dim = f.int_or("head_dim", default=head_dim_default or hidden // heads)
+    head_dim = f.int_or("head_dim", default=head_dim_default) or f.head_dim(hidden, heads)
     return Dims(hidden, heads, kv_heads, head_dim, layers, vocab, intermediate)
 
 

@@ -52,7 +52,7 @@ def falcon_h1(f: Fields, name: str, model_type: str) -> ArchSpec:
     inter = f.need("intermediate_size")
     f.check()
     kv_heads = f.int_or("num_key_value_heads", default=heads)
-    head_dim = f.int_or("head_dim", default=hidden // heads)
+    head_dim = f.head_dim(hidden, heads)
     d_ssm = f.int_or("mamba_d_ssm", default=f.int_or("mamba_expand", default=2) * hidden)
     ssm_heads = f.int_or("mamba_n_heads", default=128)
     d_head = f.get("mamba_d_head", default="auto")
