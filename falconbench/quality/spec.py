@@ -10,6 +10,7 @@ from typing import Any
 
 from ..data import EVAL_TEXT, EVAL_TEXT_NAME
 from ..errors import UsageError
+from ..planner import check_positive
 
 LOGPROB_DTYPES: tuple[str, ...] = ("float16", "float32")
 DEFAULT_GREEDY_PROMPT = "The history of the old town begins with"
@@ -40,9 +41,7 @@ class QualitySpec:
 
     def __post_init__(self):
         for name in ("eval_tokens", "window", "stride", "greedy_tokens", "bootstrap_resamples", "ci_block_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            check_positive(name.replace("_", "-"), getattr(self, name))
         if self.eval_tokens < 2 or self.window < 2:
             raise UsageError("eval-tokens and window must be at least 2: a token is scored from the ones before it")
         if self.stride >= self.window:
