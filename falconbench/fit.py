@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Sequence
 from .calibrate import Calibration, QualityCost, read_calibration
 from .errors import UsageError
 from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
-from .planner import SAFETY_MARGIN, check_positive, fits_on, layer_bytes, outer_bytes, plan_point
+from .planner import (SAFETY_MARGIN, check_positive, fits_on, idle_expert_bytes, layer_bytes, outer_bytes, plan_point,
+                      weights_bytes)
 from .schemes import DEFAULT_DTYPES, Scheme, compute_bytes, get_scheme, kv_dtype_bytes
 from .sources import resolve_model
 from .spec import ArchSpec
@@ -171,7 +172,7 @@ class FitRow:
     bf16_supported: bool
     dtype_supported: bool
     suggestion: str | None
-    decode_tokens_per_second_bound: float  # per sequence: bandwidth ÷ (weights + KV) bytes read per step
+    decode_tokens_per_second_bound: float  # per sequence: bandwidth ÷ bytes read per step (weights + KV)
     calibrated: tuple[str, ...] = ()
     recommended: bool = False
     warnings: tuple[str, ...] = field(default=())
@@ -220,10 +221,19 @@ def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: fl
         bf16_supported=gpu.bf16, dtype_supported=supported, suggestion=suggestion,
         # Each decoded token reads every weight and the whole cache once; a pipeline split reads them card
         # after card, so one card's bandwidth bounds it just the same.
-        decode_tokens_per_second_bound=gpu.bandwidth_bytes_per_second / (weights + kv),
+        decode_tokens_per_second_bound=gpu.bandwidth_bytes_per_second / bytes_read_per_step(footprint, weights, kv,
+                                                                                           batch),
         calibrated=footprint.calibrated, warnings=plan_point(spec, scheme, context, batch).warnings,
         context_limited_by="kv cache" if spec.cache_grows else "prefill activations",
     )
+
+
+def bytes_read_per_step(footprint: Footprint, weights: int, kv: int, batch: int) -> int:
+    """Each decode step reads the whole cache and every weight once, except the routed experts no sequence of
+    the batch is routed to (a mixture of experts reads a fraction of its weights)."""
+    planned = weights_bytes(footprint.spec, footprint.scheme)
+    idle = idle_expert_bytes(footprint.spec, footprint.scheme, batch) * weights // planned if planned else 0
+    return weights - idle + kv
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,21 @@ def weights_bytes(spec: ArchSpec, scheme: Scheme) -> int:
     return first + last + sum(g.count * layer_bytes(g, scheme) for g in spec.groups)
 
 
+def idle_expert_bytes(spec: ArchSpec, scheme: Scheme, batch: int = 1) -> int:
+    """Bytes of routed experts a decode step need not read: with `batch` sequences each routed to `active` of
+    `num_experts`, at most batch × active distinct experts per layer are read (a bound: routing may overlap)."""
+    idle = 0
+    for group in spec.groups:
+        for experts in group.experts:
+            read = min(experts.num_experts, (experts.active or experts.num_experts) * batch)
+            quantized = scheme.quantized and experts_quantized(experts.fused_since_v4)
+            one = sum((scheme.linear_weight_bytes(lin.in_features, lin.out_features) if quantized
+                       else lin.in_features * lin.out_features * scheme.float_bytes)
+                      + (lin.out_features * scheme.float_bytes if lin.bias else 0) for lin in experts.linears)
+            idle += group.count * (experts.num_experts - read) * one
+    return idle
+
+
 def unquantized_blocks(spec: ArchSpec, scheme: Scheme) -> list[tuple[str, int]]:
     """(name, parameters) of the large blocks a quantized scheme leaves 16-bit: fused experts."""
     if not scheme.quantized:

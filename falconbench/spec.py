@@ -62,6 +62,7 @@ class Experts:
     num_experts: int
     linears: tuple[Linear, ...]  # ONE expert's projections
     fused_since_v4: bool = False  # gpt-oss was fused from its first release; Mixtral, Qwen-MoE, DeepSeek in v5
+    active: int = 0  # experts each token is routed to (`num_experts_per_tok`); 0 when unknown: all of them
 
     @property
     def params(self) -> int:

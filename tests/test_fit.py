@@ -402,3 +402,17 @@ def test_a_recorded_run_calibrates_its_model_found_by_config_not_name():
     measured = {c.dtype: c.weights_bytes for c in result.calibrations}
     rows = {json.loads(line)["dtype"]: json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()}
     assert measured == {d: rows[d]["weights_bytes"] for d in ("bf16", "nf4")}
+
+
+def test_a_mixture_of_experts_reads_only_its_routed_experts_per_step():
+    spec = resolve_model("mixtral-8x7b").spec()
+    h200 = [r for r in fit("mixtral-8x7b", dtypes=["bf16"], gpus=["H200"], batches=[1, 4]).rows]
+    one, four = h200
+    expert = 3 * 4096 * 14336 * 2  # one expert of one layer in bf16
+    idle_at_one = 32 * 6 * expert  # 2 of 8 experts read per token
+    assert one.decode_tokens_per_second_bound == pytest.approx(
+        one.bandwidth_bytes_per_second / (one.weights_bytes - idle_at_one + one.kv_cache_bytes))
+    # four sequences may touch all eight experts: the bound reads every weight
+    assert four.decode_tokens_per_second_bound == pytest.approx(
+        four.bandwidth_bytes_per_second / (four.weights_bytes + four.kv_cache_bytes))
+    assert spec.groups[0].experts[0].active == 2

@@ -15,10 +15,13 @@ from .common import sliding_window_or_none
 from .decoders import Dims, read_dims
 
 
-def routed(hidden: int, inter: int, experts: int, bias: bool = False, fused_since_v4: bool = False) -> Experts:
-    """`experts` SwiGLU experts: gate and up fused into one 3-D parameter, then down."""
+def routed(f: Fields, hidden: int, inter: int, experts: int, active_default: int, bias: bool = False,
+           fused_since_v4: bool = False) -> Experts:
+    """`experts` SwiGLU experts (gate and up fused into one 3-D parameter, then down), `num_experts_per_tok` of
+    them active per token."""
+    active = min(f.int_or("num_experts_per_tok", default=active_default), experts)
     return Experts("mlp.experts", experts, (Linear("gate_up_proj", hidden, 2 * inter, bias),
-                                            Linear("down_proj", inter, hidden, bias)), fused_since_v4)
+                                            Linear("down_proj", inter, hidden, bias)), fused_since_v4, active)
 
 
 def assemble(f: Fields, name: str, model_type: str, d: Dims, counts: dict, parts: dict, head_tied: bool,
@@ -41,7 +44,7 @@ def mixtral(f: Fields, name: str, model_type: str) -> ArchSpec:
     window = sliding_window_or_none(f)
     kind = "sliding_attention" if window else "full_attention"
     parts = {kind: (qkvo(d.hidden, d.heads, d.kv_heads, d.head_dim), 2 * d.hidden + experts * d.hidden,
-                    (attention_cache(kind, d.kv_heads, d.head_dim, window),), (routed(d.hidden, d.inter, experts),))}
+                    (attention_cache(kind, d.kv_heads, d.head_dim, window),), (routed(f, d.hidden, d.inter, experts, 2),))}
     return assemble(f, name, model_type, d, {kind: d.layers}, parts, bool(f.get("tie_word_embeddings", default=False)))
 
 
@@ -81,7 +84,7 @@ def qwen_moe(f: Fields, name: str, model_type: str) -> ArchSpec:
         attention_kind, sparse = kind
         cache = (attention_cache(attention_kind, d.kv_heads, d.head_dim, window),)
         if sparse:
-            parts[kind] = (attention + shared, norms + experts * d.hidden, cache, (routed(d.hidden, moe_inter, experts),))
+            parts[kind] = (attention + shared, norms + experts * d.hidden, cache, (routed(f, d.hidden, moe_inter, experts, 8 if qwen3 else 4),))
         else:
             parts[kind] = (attention + gated_mlp(d.hidden, d.inter), norms, cache, ())
     return assemble(f, name, model_type, d, dict(counts), parts, bool(f.get("tie_word_embeddings", default=False)))
@@ -117,7 +120,7 @@ def deepseek(f: Fields, name: str, model_type: str) -> ArchSpec:
     # The router (experts × hidden) stays float32: `_keep_in_fp32_modules_strict = ["gate.weight"]`.
     parts = {
         "dense": (attention + gated_mlp(d.hidden, d.inter), norms, cache, (), 0),
-        "moe": (attention + shared_mlp, norms, cache, (routed(d.hidden, moe_inter, experts),), experts * d.hidden),
+        "moe": (attention + shared_mlp, norms, cache, (routed(f, d.hidden, moe_inter, experts, 8),), experts * d.hidden),
     }
     counts = {"dense": dense, "moe": d.layers - dense}
     return assemble(f, name, model_type, d, counts, parts, bool(f.get("tie_word_embeddings", default=False)))
@@ -135,7 +138,7 @@ def gpt_oss(f: Fields, name: str, model_type: str) -> ArchSpec:
     attention = qkvo(d.hidden, d.heads, d.kv_heads, d.head_dim, bool(f.get("attention_bias", default=True)))
     layer_float = 2 * d.hidden + d.heads + experts * (d.hidden + 1)  # norms, sinks, router weight and bias
     parts = {kind: (attention, layer_float, (attention_cache(kind, d.kv_heads, d.head_dim, window),),
-                    (routed(d.hidden, d.inter, experts, bias=True, fused_since_v4=True),)) for kind in counts}
+                    (routed(f, d.hidden, d.inter, experts, 4, bias=True, fused_since_v4=True),)) for kind in counts}
     return assemble(f, name, model_type, d, dict(counts), parts, bool(f.get("tie_word_embeddings", default=False)))
 
 
