@@ -12,7 +12,7 @@ from typing import Iterable, Literal
 
 from .errors import UsageError
 from .gpus import GPU, gpu_profiles, runs_dtype
-from .schemes import Scheme, get_scheme, kv_dtype_bytes
+from .schemes import KV_DTYPE_AUTO, Scheme, cache_dtype, get_scheme, kv_dtype_bytes
 from .sources import resolve_model
 from .spec import ArchSpec
 
@@ -121,7 +121,7 @@ def fits_on(total_bytes: int, gpu: GPU, margin: float = SAFETY_MARGIN) -> bool:
     return total_bytes <= gpu.memory_bytes * (1 - margin)
 
 
-def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = "bf16",
+def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = KV_DTYPE_AUTO,
                attn_impl: str = "sdpa", device: str = "cuda") -> PlanRow:
     """Plan one model in one scheme at one context length and batch size."""
     check_positive("context", context)
@@ -131,6 +131,7 @@ def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtyp
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}. Choose from: {', '.join(DEVICES)}")
     act_bytes = 4 if scheme.torch_dtype == "float32" else 2
+    kv_dtype = cache_dtype(scheme, kv_dtype)
     warnings = list(spec.warnings)
     if spec.max_positions and context > spec.max_positions:
         warnings.append(f"context {context} exceeds the model's {spec.max_positions} positions")
@@ -161,12 +162,13 @@ SEED_MODELS = ("falcon-7b", "llama-7b", "mpt-7b", "stablelm-base-alpha-7b", "lla
 
 
 def plan(models: Iterable[str] = SEED_MODELS, dtypes: Iterable[str] = ("bf16",), contexts: Iterable[int] = (2048,),
-         batches: Iterable[int] = (1,), kv_dtype: str = "bf16", attn_impl: str = "sdpa",
+         batches: Iterable[int] = (1,), kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
          device: str = "cuda") -> list[PlanRow]:
     """Plan the cross product of models × dtypes × contexts × batches (the seed table by default)."""
     specs = [resolve_model(m).spec() for m in models]
     schemes = [get_scheme(d) for d in dtypes]
-    kv_dtype_bytes(kv_dtype)
+    if kv_dtype != KV_DTYPE_AUTO:
+        kv_dtype_bytes(kv_dtype)
     contexts, batches = [check_positive("context", c) for c in contexts], [check_positive("batch", b) for b in batches]
     return [plan_point(spec, scheme, c, b, kv_dtype, attn_impl, device)
             for spec in specs for scheme in schemes for c in contexts for b in batches]

@@ -83,6 +83,8 @@ SCHEMES: dict[str, Scheme] = {
 DEFAULT_DTYPES: tuple[str, ...] = ("bf16", "fp16", "int8", "nf4")
 
 KV_DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# `--kv-dtype auto`: the cache transformers allocates, in the scheme's compute dtype (fp32 models cache in fp32).
+KV_DTYPE_AUTO = "auto"
 
 
 def get_scheme(name: str) -> Scheme:
@@ -93,9 +95,17 @@ def get_scheme(name: str) -> Scheme:
     return scheme
 
 
+def cache_dtype(scheme: Scheme, kv_dtype: str = KV_DTYPE_AUTO) -> str:
+    """The KV cache dtype of `scheme`: `kv_dtype` as given, or for auto the scheme's compute dtype."""
+    if kv_dtype.strip().lower() != KV_DTYPE_AUTO:
+        kv_dtype_bytes(kv_dtype)
+        return kv_dtype.strip().lower()
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[scheme.torch_dtype]
+
+
 def kv_dtype_bytes(name: str) -> int:
     """Bytes per element of a KV cache dtype."""
     size = KV_DTYPES.get(name.strip().lower())
     if size is None:
-        raise UsageError(f"unknown KV cache dtype {name!r}. Choose from: {', '.join(KV_DTYPES)}")
+        raise UsageError(f"unknown KV cache dtype {name!r}. Choose from: {KV_DTYPE_AUTO}, {', '.join(KV_DTYPES)}")
     return size

@@ -40,9 +40,12 @@ def test_kv_cache_is_linear_in_every_factor(context, batch, kv):
     assert row.kv_cache_bytes == per_token * context * batch
 
 
-def test_kv_dtype_does_not_follow_the_weights_scheme():
+def test_kv_dtype_follows_the_compute_dtype_not_the_weights_storage():
+    # transformers allocates the cache in the activations' dtype: 16-bit for every scheme but fp32
     spec = resolve_model("falcon-7b").spec()
-    assert {plan_point(spec, get_scheme(d), 2048, 1).kv_cache_bytes for d in SCHEMES} == {16 * 2**20}
+    kv = {d: plan_point(spec, get_scheme(d), 2048, 1).kv_cache_bytes for d in SCHEMES}
+    assert kv == {d: (32 if d == "fp32" else 16) * 2**20 for d in SCHEMES}
+    assert {plan_point(spec, get_scheme(d), 2048, 1, kv_dtype="bf16").kv_cache_bytes for d in SCHEMES} == {16 * 2**20}
 
 
 def test_quantized_schemes_shrink_only_the_linear_layers():

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UsageError
-from ..planner import DEVICES, check_positive
-from ..schemes import Scheme, get_scheme
+from ..planner import ATTN_IMPLS, DEVICES, check_positive
+from ..schemes import Scheme, cache_dtype, get_scheme
 from ..sources import ModelSource
 
 RUN_DEVICES: tuple[str, ...] = ("auto",) + DEVICES
@@ -41,6 +41,7 @@ class RunConfig:
     warmup: int = 1
     batch: int = 1
     int8_threshold: float = DEFAULT_INT8_THRESHOLD
+    attn_impl: str = "sdpa"  # transformers' attn_implementation
     seed: int = 0
     # quality against the reference scheme (measured when `quality`; the same for every scheme of a sweep)
     quality: bool = False
@@ -59,6 +60,9 @@ class RunConfig:
         get_scheme(self.dtype)
         if self.device not in DEVICES:
             raise UsageError(f"device must be one of {', '.join(DEVICES)} once resolved, not {self.device!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise UsageError(f"unknown attention implementation {self.attn_impl!r}. "
+                             f"Choose from: {', '.join(ATTN_IMPLS)}")
         for name in ("prompt_tokens", "new_tokens", "repeats", "batch"):
             check_positive(name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
@@ -109,7 +113,8 @@ class RunConfig:
             "device": self.device, "random_weights": self.random_weights, "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens, "cached_tokens": self.cached_tokens, "repeats": self.repeats,
             "warmup": self.warmup, "batch": self.batch, "seed": self.seed, "torch_dtype": scheme.torch_dtype,
-            "kv_dtype": kv_dtype_for(scheme), "quantization": quantization_settings(scheme, self.int8_threshold),
+            "kv_dtype": kv_dtype_for(scheme), "attn_impl": self.attn_impl,
+            "quantization": quantization_settings(scheme, self.int8_threshold),
             "quality": self.quality_settings(), "trust_remote_code": self.trust_remote_code,
             "allow_pickle": self.allow_pickle, "memory_cap_bytes": self.memory_cap_bytes,
         }
@@ -125,7 +130,7 @@ class RunConfig:
 
 def kv_dtype_for(scheme: Scheme) -> str:
     """The cache takes the model's activation dtype: fp32 models cache in fp32, everything else in 16 bits."""
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[scheme.torch_dtype]
+    return cache_dtype(scheme)
 
 
 def quantization_settings(scheme: Scheme, int8_threshold: float) -> dict[str, Any] | None:
