@@ -21,7 +21,7 @@ from .errors import UsageError
 from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
 from .planner import (SAFETY_MARGIN, check_positive, fits_on, idle_expert_bytes, layer_bytes, outer_bytes, plan_point,
                       weights_bytes)
-from .schemes import DEFAULT_DTYPES, Scheme, compute_bytes, get_scheme, kv_dtype_bytes
+from .schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, Scheme, compute_bytes, get_scheme, kv_dtype_bytes
 from .sources import resolve_model
 from .spec import ArchSpec
 
@@ -36,10 +36,17 @@ class Footprint:
     spec: ArchSpec
     scheme: Scheme
     calibration: Calibration | None = None
+    kv_dtype: str = KV_DTYPE_AUTO
+    attn_impl: str = "sdpa"
+    device: str = "cuda"
+
+    def point(self, context: int, batch: int):
+        """The planner's row for this footprint at `context` tokens and `batch` sequences."""
+        return plan_point(self.spec, self.scheme, context, batch, self.kv_dtype, self.attn_impl, self.device)
 
     def parts(self, context: int, batch: int) -> tuple[int, int, int]:
-        """(weights, KV cache, runtime) bytes at `context` tokens and `batch` sequences on a CUDA device."""
-        row = plan_point(self.spec, self.scheme, context, batch)
+        """(weights, KV cache, runtime) bytes at `context` tokens and `batch` sequences."""
+        row = self.point(context, batch)
         weights, runtime = row.weights_bytes, row.runtime_bytes
         cal = self.calibration
         if cal is not None:
@@ -47,7 +54,7 @@ class Footprint:
             if cal.overhead_bytes is not None:
                 # Measured overhead at the run's own point, plus the planner's growth of the transient tensors
                 # from there to the asked point: equal to the measurement where the run measured.
-                at_run = plan_point(self.spec, self.scheme, cal.run_context, cal.run_batch).runtime_bytes
+                at_run = self.point(cal.run_context, cal.run_batch).runtime_bytes
                 runtime += cal.overhead_bytes - at_run
         return weights, row.kv_cache_bytes, runtime
 
@@ -223,7 +230,7 @@ def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: fl
         # after card, so one card's bandwidth bounds it just the same.
         decode_tokens_per_second_bound=gpu.bandwidth_bytes_per_second / bytes_read_per_step(footprint, weights, kv,
                                                                                            batch),
-        calibrated=footprint.calibrated, warnings=plan_point(spec, scheme, context, batch).warnings,
+        calibrated=footprint.calibrated, warnings=footprint.point(context, batch).warnings,
         context_limited_by="kv cache" if spec.cache_grows else "prefill activations",
     )
 
@@ -283,7 +290,8 @@ def check_margin(margin: float) -> float:
 
 def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[int] = (2048,),
         batches: Iterable[int] = (1,), gpus: Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
-        calibrate: str | None = None) -> FitResult:
+        calibrate: str | None = None, kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
+        device: str = "cuda") -> FitResult:
     """Fit one model on every card × scheme at each context × batch; `calibrate` is a run folder to measure from."""
     source = resolve_model(model)
     spec = source.spec()
@@ -295,7 +303,9 @@ def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[i
     calibration = read_calibration(calibrate, spec, [s.name for s in schemes], source.config_sha256) \
         if calibrate else None
     by_dtype = {c.dtype: c for c in calibration.items} if calibration else {}
-    footprints = [Footprint(spec, s, by_dtype.get(s.name)) for s in schemes]
+    footprints = [Footprint(spec, s, by_dtype.get(s.name), kv_dtype, attn_impl, device) for s in schemes]
+    for footprint in footprints[:1]:
+        footprint.point(contexts[0], batches[0])  # refuses an unknown kv dtype, attention or device up front
     rows, recommendations = [], []
     for context in contexts:
         for batch in batches:

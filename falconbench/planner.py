@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Literal
 from .errors import UsageError
 from .gpus import GPU, gpu_profiles, runs_dtype
 from .libraries import experts_quantized
-from .schemes import FP32, Scheme, compute_bytes, get_scheme, kv_dtype_bytes, kv_dtype_for
+from .schemes import FP32, KV_DTYPE_AUTO, Scheme, compute_bytes, get_scheme, kv_dtype_bytes, kv_dtype_for
 from .sources import resolve_model
 from .spec import ArchSpec, LayerGroup, Linear, positive_int
 
@@ -213,7 +213,7 @@ def fits_on(total_bytes: int, gpu: GPU, margin: float = SAFETY_MARGIN) -> bool:
     return total_bytes <= gpu.memory_bytes * (1 - margin)
 
 
-def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = "auto",
+def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = KV_DTYPE_AUTO,
                attn_impl: str = "sdpa", device: str = "cuda") -> PlanRow:
     """Plan one model in one scheme at one context length and batch size."""
     check_positive("context", context)
@@ -268,7 +268,7 @@ SEED_MODELS = ("falcon-7b", "llama-7b", "mpt-7b", "stablelm-base-alpha-7b", "lla
 
 
 def plan(models: Iterable[str] = SEED_MODELS, dtypes: Iterable[str] = ("bf16",), contexts: Iterable[int] = (2048,),
-         batches: Iterable[int] = (1,), kv_dtype: str = "auto", attn_impl: str = "sdpa",
+         batches: Iterable[int] = (1,), kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
          device: str = "cuda") -> list[PlanRow]:
     """Plan the cross product of models × dtypes × contexts × batches (the seed table by default)."""
     specs = [resolve_model(m).spec() for m in models]

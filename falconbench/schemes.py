@@ -81,9 +81,10 @@ SCHEMES: dict[str, Scheme] = {
 # The four precisions users compare, most precise first: what `run` and `fit` take when none is named.
 DEFAULT_DTYPES: tuple[str, ...] = ("bf16", "fp16", "int8", "nf4")
 
-# KV cache element widths. "auto" is what transformers does: the cache takes the model's compute dtype (an fp32
+# `--kv-dtype auto` (the default) is what transformers does: the cache takes the model's compute dtype (an fp32
 # model caches in fp32, every other scheme in 16 bits), so `plan`, `fit` and `run` agree by default.
-KV_DTYPES: dict[str, int] = {"auto": 0, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+KV_DTYPE_AUTO = "auto"
+KV_DTYPES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -100,15 +101,16 @@ def compute_bytes(scheme: Scheme) -> int:
     return 4 if scheme.torch_dtype == "float32" else 2
 
 
-def kv_dtype_for(scheme: Scheme, kv_dtype: str = "auto") -> str:
-    """The KV cache dtype a configuration uses: `kv_dtype` as named, or with "auto" the model's compute dtype."""
+def kv_dtype_for(scheme: Scheme, kv_dtype: str = KV_DTYPE_AUTO) -> str:
+    """The KV cache dtype a configuration uses: `kv_dtype` as named, or for auto the scheme's compute dtype."""
     name = kv_dtype.strip().lower() if isinstance(kv_dtype, str) else kv_dtype
+    if name == KV_DTYPE_AUTO:
+        return _DTYPE_NAMES[scheme.torch_dtype]
     if name not in KV_DTYPES:
-        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}. Choose from: {', '.join(KV_DTYPES)}")
-    return _DTYPE_NAMES[scheme.torch_dtype] if name == "auto" else name
+        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}. Choose from: {KV_DTYPE_AUTO}, {', '.join(KV_DTYPES)}")
+    return name
 
 
 def kv_dtype_bytes(name: str, scheme: Scheme | None = None) -> int:
-    """Bytes per element of a KV cache dtype ("auto" needs the scheme whose compute dtype it follows)."""
-    resolved = kv_dtype_for(scheme or SCHEMES["bf16"], name)
-    return KV_DTYPES[resolved]
+    """Bytes per element of a KV cache dtype (auto follows `scheme`'s compute dtype, bf16 without one)."""
+    return KV_DTYPES[kv_dtype_for(scheme or SCHEMES["bf16"], name)]

@@ -367,7 +367,7 @@ def test_csv_and_markdown(invoke):
 @pytest.mark.parametrize("args,message", [
     (("-g", "X100"), "Error: unknown GPU 'X100'. Choose from: T4,"),
     (("-d", "int3"), "Error: unknown dtype 'int3'"),
-    (("-c", "0"), "Error: context must be a positive integer"),
+    (("-c", "0"), "Error: --context must be a positive integer"),
     (("--margin", "1"), "Error: margin must be a fraction"),
     (("--calibrate", "/nonexistent/run"), "Error: cannot read /nonexistent/run"),
 ])

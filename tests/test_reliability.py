@@ -624,7 +624,7 @@ def test_the_default_output_folder_is_named_from_the_sanitized_model_name(tmp_pa
     model = write_config(tmp_path / "évil name;rm -rf", TINY_FALCON)
     calls = capture_sweeps(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    assert CliRunner().invoke(cli, ["run", "-m", str(model), "--random-weights", "-d", "bf16"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["run", "-m", str(model), "--random-weights", "-d", "bf16", "--device", "cpu"]).exit_code == 0
     folder = calls[0][1]
     assert folder.parent == Path("reports") and re.fullmatch(r"vil-name-rm--rf-\d{8}-\d{6}", folder.name)
 
@@ -760,7 +760,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_falcon_dir):
 
 def test_a_hub_id_not_in_the_cache_is_refused_offline(hub_cache, tmp_path, monkeypatch):
     capture_sweeps(monkeypatch)
-    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "-o", str(tmp_path / "o")])
+    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--device", "cpu", "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and one_error_line(result.output)
     assert "someone/tiny-falcon is not in the local Hugging Face cache" in result.output
     assert "Pass --allow-downloads to fetch its config, safetensors weights and tokenizer" in result.output
@@ -775,7 +775,7 @@ def test_a_hub_id_not_in_the_cache_is_refused_offline(hub_cache, tmp_path, monke
 def test_allow_downloads_fetches_only_what_the_run_reads(hub_cache, tmp_path, monkeypatch, flags, fetched,
                                                         not_fetched):
     calls = capture_sweeps(monkeypatch)
-    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--allow-downloads",
+    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--device", "cpu", "--allow-downloads",
                                       *flags, "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     [download] = hub_cache
@@ -794,7 +794,7 @@ def test_a_failed_download_is_one_clear_error(hub_cache, tmp_path, monkeypatch):
         raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--allow-downloads",
+    result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--device", "cpu", "--allow-downloads",
                                       "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and one_error_line(result.output)
     assert "Error: could not download someone/tiny-falcon from the Hugging Face hub (Cannot reach" in result.output

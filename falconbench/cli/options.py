@@ -1,14 +1,37 @@
-"""Option parsing shared by the commands: comma lists that may also repeat."""
+"""The one vocabulary of options: each shared option is declared here once, and `plan`, `fit` and `run` take it.
+
+Lists are comma-separated and may also repeat (`-d bf16,int8 -d nf4`); token counts and batches take a k suffix
+(`8k` = 8192). Each parser raises a UsageError whose example is for the option that was wrong.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
+
+import click
 
 from ..errors import UsageError
+from ..planner import ATTN_IMPLS, DEVICES
+from ..schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, KV_DTYPES, SCHEMES
+
+FORMATS: tuple[str, ...] = ("table", "json", "csv", "markdown")
+DEFAULT_DEVICE = "cuda"
+DEFAULT_ATTN = "sdpa"
+# NOTE: "auto" is the cache transformers allocates: the scheme's compute dtype (fp32 for fp32, 16-bit otherwise);
+# plan and fit default to it so their KV bytes are those `run` measures.
+KV_DTYPE_CHOICES: tuple[str, ...] = (KV_DTYPE_AUTO, *KV_DTYPES)
+DEFAULT_CONTEXT = 2048
+DEFAULT_BATCH = 1
+# Suffixes of token counts and batches: binary, as context lengths are spoken of (8k = 8192).
+COUNT_SUFFIXES = {"k": 2**10, "m": 2**20}
 
 
-def split_list(values: Iterable[str]) -> list[str]:
+def split_list(values: Iterable[str] | str | None) -> list[str]:
     """`-d bf16,int8 -d nf4` → ["bf16", "int8", "nf4"], order kept, duplicates dropped."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
     items: list[str] = []
     for value in values:
         for item in str(value).split(","):
@@ -18,18 +41,121 @@ def split_list(values: Iterable[str]) -> list[str]:
     return items
 
 
-def int_list(name: str, values: Iterable[str]) -> list[int]:
-    """Positive integers from comma lists; accepts 8k/32K style suffixes (k = 1024)."""
-    out = []
-    for item in split_list(values):
-        text = item.lower().replace("_", "")
-        scale = 1024 if text.endswith("k") else 1
-        try:
-            number = int(text[:-1] if scale > 1 else text) * scale
-        except ValueError:
-            raise UsageError(f"{name} must be a positive integer, got {item!r}. Example: --{name} 2048,8k") from None
-        if number <= 0:
-            raise UsageError(f"{name} must be a positive integer, got {item!r}. Example: --{name} 2048,8k")
+def parse_count(text: str, option: str, example: str) -> int:
+    """A positive whole number of tokens or sequences: `2048`, `8k`, `32K`, `1m`."""
+    raw = str(text).strip().lower()
+    scale = COUNT_SUFFIXES.get(raw[-1:], 1)
+    digits = raw[:-1] if scale > 1 else raw
+    if not digits.isdigit() or int(digits) * scale <= 0:
+        raise UsageError(f"--{option} must be a positive integer (8k = 8192), got {text!r}. "
+                         f"Example: --{option} {example}")
+    return int(digits) * scale
+
+
+def given_list(option: str, values: Iterable[str] | str | None, example: str) -> list[str]:
+    """split_list, refusing a value that was given but names nothing (`-b ""`, `-m ,`)."""
+    items = split_list(values)
+    if values and not items:
+        raise UsageError(f"--{option} was given an empty value. Example: --{option} {example}")
+    return items
+
+
+def count_list(option: str, values: Iterable[str] | str | None, example: str) -> list[int]:
+    """Positive counts from comma lists (duplicates dropped, order kept)."""
+    out: list[int] = []
+    for item in given_list(option, values, example):
+        number = parse_count(item, option, example)
         if number not in out:
             out.append(number)
     return out
+
+
+# Each count option's example, so an error shows a value that fits the option that was wrong.
+COUNT_EXAMPLES = {"context": "2048,8k", "batch": "1,8", "prompt-tokens": "128,1k", "new-tokens": "32,128",
+                  "eval-tokens": "2k", "window": "1k", "stride": "512"}
+
+
+class Count(click.ParamType):
+    """One token count or number of runs, with the k suffix: `--window 1k`."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        option = param.name.replace("_", "-") if param is not None else "value"
+        return parse_count(value, option, COUNT_EXAMPLES.get(option, "1k"))
+
+
+COUNT = Count()
+
+
+def _counts(option: str, default: int) -> Callable:
+    def callback(ctx, param, values):
+        return count_list(option, values, COUNT_EXAMPLES.get(option, "1,8")) or [default]
+    return callback
+
+
+def _names(example: str) -> Callable:
+    def callback(ctx, param, values):
+        return given_list(param.name.removesuffix("s"), values, example)
+    return callback
+
+
+def model_option(help: str, required: bool = False) -> Callable:
+    """-m/--model: one or more models, comma-separated or repeated."""
+    return click.option("-m", "--model", "models", multiple=True, metavar="M[,M...]", required=required,
+                        callback=_names("falcon-7b,llama-7b"), help=help)
+
+
+def dtype_option(default: Sequence[str] = DEFAULT_DTYPES, help: str = "") -> Callable:
+    """-d/--dtype: weight schemes; left out, `default` (the callback fills it in, so the help shows it)."""
+    def callback(ctx, param, values):
+        return given_list("dtype", values, "bf16,int8,nf4") or list(default)
+    return click.option("-d", "--dtype", "dtypes", multiple=True, metavar="D[,D...]", callback=callback,
+                        help=(help or f"Schemes: {', '.join(SCHEMES)}.") + f" Default: {','.join(default)}.")
+
+
+def context_option(help: str = "Tokens in the KV cache (prompt + generated); 8k = 8192.") -> Callable:
+    return click.option("-c", "--context", "contexts", multiple=True, metavar="N[,N...]", callback=_counts("context", DEFAULT_CONTEXT),
+                        help=f"{help} Default: {DEFAULT_CONTEXT}.")
+
+
+def batch_option(help: str = "Sequences per batch.") -> Callable:
+    return click.option("-b", "--batch", "batches", multiple=True, metavar="B[,B...]", callback=_counts("batch", DEFAULT_BATCH),
+                        help=f"{help} Default: {DEFAULT_BATCH}.")
+
+
+def count_option(option: str, default: int, help: str) -> Callable:
+    """A list of token counts, e.g. --prompt-tokens 128,1k (for run's shape matrix)."""
+    return click.option(f"--{option}", option.replace("-", "_"), multiple=True, metavar="N[,N...]",
+                        callback=_counts(option, default), help=f"{help} Default: {default}.")
+
+
+def kv_dtype_option() -> Callable:
+    return click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default=KV_DTYPE_AUTO, show_default=True,
+                        help="KV cache element type; auto: the scheme's compute dtype, as transformers allocates it.")
+
+
+def attn_option() -> Callable:
+    return click.option("--attn", "attn_impl", type=click.Choice(ATTN_IMPLS), default=DEFAULT_ATTN,
+                        show_default=True, help="Attention kernel: eager materializes the score matrix.")
+
+
+def device_option() -> Callable:
+    return click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
+                        help="cuda counts the CUDA context; cpu plans or runs without one.")
+
+
+def format_option() -> Callable:
+    return click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                        help="table for people; json, csv and markdown for tools and documents.")
+
+
+def apply(*options: Callable) -> Callable:
+    """Stack click options in the order given (as they appear in --help)."""
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate

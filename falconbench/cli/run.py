@@ -8,11 +8,10 @@ import click
 
 from ..errors import UsageError
 from ..render.console import console, err_console
-from ..run.config import RUN_DEVICES, RunConfig
-from ..schemes import DEFAULT_DTYPES, SCHEMES
-from .options import split_list
-
-RUN_FORMATS = ("table", "json")
+from ..run.config import RunConfig
+from ..schemes import KV_DTYPE_AUTO
+from .options import apply, attn_option, batch_option, device_option, dtype_option, format_option, \
+    COUNT, kv_dtype_option, model_option
 
 
 def parse_size(text: str | None) -> int | None:
@@ -31,22 +30,18 @@ def parse_size(text: str | None) -> int | None:
 
 
 @click.command("run")
-@click.option("-m", "--model", required=True,
-              help="Model folder with safetensors weights, cached hub id, bundled model (smollm2), or (with "
-                   "--random-weights) a profile or config.json.")
-@click.option("-d", "--dtype", "dtypes", multiple=True, metavar="D[,D...]",
-              help=f"Schemes: {', '.join(SCHEMES)}. The first is the reference of the ratios; with quality on, "
-                   f"the --reference scheme runs first. Default: {','.join(DEFAULT_DTYPES)}.")
-@click.option("--device", type=click.Choice(RUN_DEVICES), default="auto", show_default=True,
-              help="auto picks cuda when torch sees a GPU.")
+@apply(model_option("Model folder with safetensors weights, cached hub id, bundled model (smollm2), or (with "
+                    "--random-weights) a profile or config.json.", required=True),
+       dtype_option(help="Schemes; the first is the reference of the ratios; with quality on, the --reference "
+                         "scheme runs first."),
+       batch_option(), kv_dtype_option(), attn_option(), device_option())
 @click.option("--random-weights", is_flag=True,
               help="Build the architecture from config.json with random weights (no download, same memory).")
-@click.option("--prompt-tokens", type=int, default=RunConfig.prompt_tokens, show_default=True, help="Prompt length (prefill).")
-@click.option("--new-tokens", type=int, default=RunConfig.new_tokens, show_default=True,
+@click.option("--prompt-tokens", type=COUNT, default=RunConfig.prompt_tokens, show_default=True, help="Prompt length (prefill).")
+@click.option("--new-tokens", type=COUNT, default=RunConfig.new_tokens, show_default=True,
               help="Tokens generated per run, never stopped early.")
 @click.option("--repeats", type=int, default=RunConfig.repeats, show_default=True, help="Timed runs per configuration.")
 @click.option("--warmup", type=int, default=RunConfig.warmup, show_default=True, help="Untimed runs before the timed ones.")
-@click.option("-b", "--batch", type=int, default=RunConfig.batch, show_default=True, help="Sequences per run.")
 @click.option("--int8-threshold", type=float, default=RunConfig.int8_threshold, show_default=True,
               help="LLM.int8 outlier threshold.")
 @click.option("--quality/--no-quality", default=True, show_default=True,
@@ -54,9 +49,9 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--reference", default=RunConfig.reference, show_default=True, help="The scheme quality is compared against.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 text to score. Default: the shipped public-domain novel excerpt.")
-@click.option("--eval-tokens", type=int, default=RunConfig.eval_tokens, show_default=True, help="Tokens of the text scored.")
-@click.option("--window", type=int, default=RunConfig.window, show_default=True, help="Tokens the model sees at once.")
-@click.option("--stride", type=int, default=RunConfig.stride, show_default=True, help="How far the window moves.")
+@click.option("--eval-tokens", type=COUNT, default=RunConfig.eval_tokens, show_default=True, help="Tokens of the text scored.")
+@click.option("--window", type=COUNT, default=RunConfig.window, show_default=True, help="Tokens the model sees at once.")
+@click.option("--stride", type=COUNT, default=RunConfig.stride, show_default=True, help="How far the window moves.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Folder for results.jsonl and the report. Default: a new folder under reports/.")
 @click.option("--resume", is_flag=True,
@@ -71,10 +66,10 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--allow-downloads", is_flag=True,
               help="Fetch a hub id missing from the local cache (config, safetensors, tokenizer) and let the "
                    "Hugging Face libraries go online. Default: offline.")
-@click.option("-f", "--format", "fmt", type=click.Choice(RUN_FORMATS), default="table", show_default=True)
-def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens, repeats, warmup, batch,
-                int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output, resume,
-                memory_cap, trust_remote_code, allow_pickle, allow_downloads, fmt):
+@format_option()
+def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_weights, prompt_tokens, new_tokens,
+                repeats, warmup, int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output,
+                resume, memory_cap, trust_remote_code, allow_pickle, allow_downloads, fmt):
     """Load the model in each scheme, each in a fresh process, and measure memory, speed and quality beside
     the plan; then write the report into the output folder.
 
@@ -90,9 +85,10 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
       falconbench run -m tiiuae/falcon-7b -d bf16,nf4 --format json
       falconbench run -m smollm2 -o reports/smol --resume
     """
+    from ..api import run_benchmark
     from ..render import run as render
-    from ..run import run_benchmark
 
+    model, batch = single_shape(models, batches, kv_dtype)
     if trust_remote_code:
         err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
                             "permissions. Use it only for code you have read or trust.", style="bold red",
@@ -104,7 +100,7 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
     try:
         with progress:
             outcome = run_benchmark(
-                model, split_list(dtypes) or list(DEFAULT_DTYPES), device=device, output=output,
+                model, dtypes, device=device, output=output, attn_impl=attn_impl,
                 on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
                 int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
@@ -116,17 +112,43 @@ def run_command(model, dtypes, device, random_weights, prompt_tokens, new_tokens
                             f"rest with the same command plus --output {where} --resume", markup=False,
                             highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
-    if fmt == "json":
-        click.echo(render.run_json(outcome.rows))
-    else:
+    if fmt == "table":
         for table in render.run_tables(outcome.rows):
             console().print(table)
+    else:
+        click.echo(machine_output(fmt, outcome), nl=fmt == "json")
     for problem in outcome.problems:
         err_console().print(f"! skipped a line that is not a results row: {problem}", style="yellow",
                             markup=False, highlight=False, soft_wrap=True)
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
     write_run_report(outcome.output_dir)
+
+
+def single_shape(models: list[str], batches: list[int], kv_dtype: str) -> tuple[str, int]:
+    """The one model and batch a sweep measures; the cache is what transformers allocates (--kv-dtype auto)."""
+    if kv_dtype != KV_DTYPE_AUTO:
+        raise UsageError(f"run measures the KV cache transformers allocates, in each scheme's compute dtype, so "
+                         f"--kv-dtype {kv_dtype} applies to plan and fit only. Leave it at {KV_DTYPE_AUTO} for run")
+    if len(models) > 1:
+        raise UsageError(f"run measures one model per sweep, got {len(models)}: {', '.join(models)}. Example: "
+                         f"-m {models[0]}")
+    if len(batches) > 1:
+        raise UsageError(f"run measures one batch size per sweep, got {', '.join(map(str, batches))}. Example: "
+                         f"-b {batches[0]}")
+    return models[0], batches[0]
+
+
+def machine_output(fmt: str, outcome) -> str:
+    """The rows as JSON, or the run's comparison as CSV or Markdown (the report's own tables)."""
+    from ..render import report as report_render
+    from ..render import run as render
+    from ..report import load_comparison
+
+    if fmt == "json":
+        return render.run_json(outcome.rows)
+    comparison = load_comparison([outcome.output_dir])
+    return report_render.report_csv(comparison) if fmt == "csv" else report_render.report_markdown(comparison)
 
 
 def write_run_report(output_dir) -> None:

@@ -149,14 +149,25 @@ def _markdown_cells(row: FitRow) -> list[str]:
             format_bytes(max(row.per_gpu_bytes)) if row.per_gpu_bytes else "-", _speed(row), "; ".join(hint)]
 
 
-def fit_markdown(result: FitResult) -> str:
-    table = to_markdown(MARKDOWN_HEADERS, [_markdown_cells(r) for r in result.rows], MARKDOWN_RIGHT)
-    return table + "\n" + "\n\n".join(notes(result)) + "\n"
+def _results(results: FitResult | Sequence[FitResult]) -> list[FitResult]:
+    return [results] if isinstance(results, FitResult) else list(results)
 
 
-def fit_json(result: FitResult) -> str:
-    return to_json([r.as_dict() for r in result.rows])
+def fit_markdown(results: FitResult | Sequence[FitResult]) -> str:
+    """One table per model, each followed by its recommendation notes."""
+    parts = []
+    for result in _results(results):
+        table = to_markdown(MARKDOWN_HEADERS, [_markdown_cells(r) for r in result.rows], MARKDOWN_RIGHT)
+        parts.append(table + "\n" + "\n\n".join(notes(result)) + "\n")
+    return "\n".join(parts)
 
 
-def fit_csv(result: FitResult) -> str:
-    return to_csv([r.as_dict() for r in result.rows])
+def fit_json(results: FitResult | Sequence[FitResult]) -> str:
+    return to_json([r.as_dict() for result in _results(results) for r in result.rows])
+
+
+def fit_csv(results: FitResult | Sequence[FitResult]) -> str:
+    return to_csv([r.as_dict() for result in _results(results) for r in result.rows])
+
+
+FORMATTERS = {"json": fit_json, "csv": fit_csv, "markdown": fit_markdown}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UsageError
-from ..planner import DEVICES, check_positive
+from ..planner import ATTN_IMPLS, DEVICES, check_positive
 from ..schemes import Scheme, get_scheme, kv_dtype_for  # noqa: F401 - kv_dtype_for is re-exported
 from ..sources import ModelSource
 
@@ -41,6 +41,7 @@ class RunConfig:
     warmup: int = 1
     batch: int = 1
     int8_threshold: float = DEFAULT_INT8_THRESHOLD
+    attn_impl: str = "sdpa"  # transformers' attn_implementation
     seed: int = 0
     # quality against the reference scheme (measured when `quality`; the same for every scheme of a sweep)
     quality: bool = False
@@ -59,6 +60,9 @@ class RunConfig:
         get_scheme(self.dtype)
         if self.device not in DEVICES:
             raise UsageError(f"device must be one of {', '.join(DEVICES)} once resolved, not {self.device!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise UsageError(f"unknown attention implementation {self.attn_impl!r}. "
+                             f"Choose from: {', '.join(ATTN_IMPLS)}")
         for name in ("prompt_tokens", "new_tokens", "repeats", "batch"):
             check_positive(name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
@@ -109,7 +113,8 @@ class RunConfig:
             "device": self.device, "random_weights": self.random_weights, "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens, "cached_tokens": self.cached_tokens, "repeats": self.repeats,
             "warmup": self.warmup, "batch": self.batch, "seed": self.seed, "torch_dtype": scheme.torch_dtype,
-            "kv_dtype": kv_dtype_for(scheme), "quantization": quantization_settings(scheme, self.int8_threshold),
+            "kv_dtype": kv_dtype_for(scheme), "attn_impl": self.attn_impl,
+            "quantization": quantization_settings(scheme, self.int8_threshold),
             "quality": self.quality_settings(), "trust_remote_code": self.trust_remote_code,
             "allow_pickle": self.allow_pickle, "memory_cap_bytes": self.memory_cap_bytes,
         }

@@ -244,7 +244,8 @@ def load_pretrained(config: RunConfig, source: ModelSource, synchronize) -> Load
     kwargs: dict[str, Any] = {"dtype": torch_dtype(scheme.torch_dtype),
                               "device_map": {"": 0 if config.device == "cuda" else "cpu"},
                               "use_safetensors": None if config.allow_pickle else True,
-                              "trust_remote_code": config.trust_remote_code}
+                              "trust_remote_code": config.trust_remote_code,
+                              "attn_implementation": config.attn_impl}
     if scheme.quantized:
         kwargs["quantization_config"] = bnb_config(scheme, config.int8_threshold)
     model, read = timed(lambda: AutoModelForCausalLM.from_pretrained(str(source.folder), **kwargs), synchronize)
@@ -269,7 +270,8 @@ def build_random(config: RunConfig, source: ModelSource, synchronize) -> LoadedM
     hf = hf_config(source, config.trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf, dtype=torch_dtype(scheme.torch_dtype),
-                                                 trust_remote_code=config.trust_remote_code)
+                                                 trust_remote_code=config.trust_remote_code,
+                                                 attn_implementation=config.attn_impl)
     model.tie_weights()
     seconds = {"build": time.perf_counter() - start}
     targets = {name for name, _ in target_linears(model)} if scheme.quantized else set()

@@ -177,7 +177,7 @@ def planned_row(config: RunConfig, quality_skipped: str | None = None,
     source = source or resolve_model(config.model)
     identity = model_identity(source, config.random_weights, config.allow_pickle)
     plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
-                      kv_dtype=kv_dtype_for(config.scheme), device=config.device)
+                      kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device)
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
                      planned_weights_bytes=plan.weights_bytes, planned_kv_cache_bytes=plan.kv_cache_bytes,

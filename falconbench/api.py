@@ -1,0 +1,88 @@
+"""The Python API: `plan`, `fit`, `run_benchmark` and `read_results`, each taking a single value or a list
+wherever the command line takes a comma list, and returning typed rows. The CLI is a thin layer over these.
+
+    >>> import falconbench
+    >>> [row.kv_cache_bytes for row in falconbench.plan("falcon-7b", dtypes=["bf16", "nf4"])]
+    [16777216, 16777216]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TypeVar, overload
+
+from . import planner
+from .fit import FitResult
+from .fit import fit as fit_model
+from .errors import UsageError
+from .planner import SAFETY_MARGIN, SEED_MODELS, PlanRow
+from .results import ReadProblem, RunResult
+from .schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO
+
+T = TypeVar("T")
+
+
+def as_list(value: T | Iterable[T] | None, name: str) -> list[T]:
+    """One value or an iterable of them, as a list: `"llama-7b"` is one model, never the letters of one."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, int, float, os.PathLike)):
+        return [value]  # type: ignore[list-item]
+    try:
+        return list(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise UsageError(f"{name} must be a value or a list of them, got {type(value).__name__}") from None
+
+
+def plan(models: str | Iterable[str] = SEED_MODELS, dtypes: str | Iterable[str] = ("bf16",),
+         contexts: int | Iterable[int] = 2048, batches: int | Iterable[int] = 1, kv_dtype: str = KV_DTYPE_AUTO,
+         attn_impl: str = "sdpa", device: str = "cuda") -> list[PlanRow]:
+    """The cross product models × dtypes × contexts × batches, one PlanRow each (exact weights and KV bytes)."""
+    return planner.plan(as_list(models, "models"), as_list(dtypes, "dtypes"), as_list(contexts, "contexts"),
+                        as_list(batches, "batches"), kv_dtype=kv_dtype, attn_impl=attn_impl, device=device)
+
+
+@overload
+def fit(models: str, **options: Any) -> FitResult: ...
+@overload
+def fit(models: Sequence[str], **options: Any) -> list[FitResult]: ...
+
+
+def fit(models, dtypes: str | Iterable[str] = DEFAULT_DTYPES, contexts: int | Iterable[int] = 2048,
+        batches: int | Iterable[int] = 1, gpus: str | Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
+        calibrate: str | os.PathLike | None = None, kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
+        device: str = "cuda"):
+    """Every GPU × dtype for each model: a FitResult for one model, a list of them for a list of models."""
+    names = as_list(models, "models")
+    if not names:
+        raise UsageError("fit needs a model. Example: fit(\"falcon-7b\")")
+    results = [fit_model(name, dtypes=as_list(dtypes, "dtypes"), contexts=as_list(contexts, "contexts"),
+                            batches=as_list(batches, "batches"), gpus=as_list(gpus, "gpus") or None, margin=margin,
+                            calibrate=str(calibrate) if calibrate is not None else None, kv_dtype=kv_dtype,
+                            attn_impl=attn_impl, device=device)
+               for name in names]
+    return results[0] if isinstance(models, str) else results
+
+
+def run_benchmark(model: str, dtypes: str | Iterable[str] = DEFAULT_DTYPES, **options: Any):
+    """Measure `model` in each dtype, each in a fresh process; returns a RunOutcome whose `rows` are RunResults.
+
+    Options are `run`'s, spelled as Python names (device="cpu", output="reports/x", quality=False, ...).
+    """
+    from .run import run_benchmark as run_core
+
+    return run_core(model, as_list(dtypes, "dtypes"), **options)
+
+
+def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[RunResult], list[ReadProblem]]:
+    """The rows of one or more run folders (or results.jsonl files), and the lines that are not rows."""
+    from .results import read_results as read_file
+
+    rows: list[RunResult] = []
+    problems: list[ReadProblem] = []
+    for path in as_list(paths, "paths"):
+        found, bad = read_file(Path(path))
+        rows += found
+        problems += bad
+    return rows, problems
