@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..spec import ArchSpec, Fields, LayerGroup, Linear
-from .common import attention_cache, layernorm
+from .common import attention_cache, layernorm, read_core
+
+# GPT-2 and GPT-J spell the widths their own way (transformers maps them to the standard names too).
+GPT_SPELLING = {"hidden": ("n_embd", "hidden_size"), "heads": ("n_head", "num_attention_heads"),
+                "layers": ("n_layer", "num_hidden_layers")}
 
 
 def uniform(name: str, model_type: str, *, hidden: int, heads: int, kv_heads: int, layers: int, vocab: int,
@@ -24,12 +28,8 @@ def uniform(name: str, model_type: str, *, hidden: int, heads: int, kv_heads: in
 
 
 def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("hidden_size", "d_model")
-    heads = f.need("num_attention_heads", "n_head")
-    layers = f.need("num_hidden_layers", "n_layer")
-    vocab = f.need("vocab_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab = read_core(f, hidden=("hidden_size", "d_model"), heads=("num_attention_heads", "n_head"),
+                                            layers=("num_hidden_layers", "n_layer"))
     # Legacy "RefinedWeb" (Falcon-40B before transformers adopted it) is the new decoder architecture.
     new_arch = bool(f.get("new_decoder_architecture", default=model_type == "refinedweb"))
     multi_query = bool(f.get("multi_query", default=model_type == "refinedwebmodel"))
@@ -68,12 +68,8 @@ def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 
 def mpt(f: Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("d_model", "hidden_size")
-    heads = f.need("n_heads", "num_attention_heads")
-    layers = f.need("n_layers", "num_hidden_layers")
-    vocab = f.need("vocab_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab = read_core(f, hidden=("d_model", "hidden_size"), heads=("n_heads", "num_attention_heads"),
+                                            layers=("n_layers", "num_hidden_layers"))
     attn = f.get("attn_config", default={})
     if not isinstance(attn, dict):
         raise ConfigError(f"{f.source}: attn_config must be a JSON object, got {str(attn)[:40]!r}")
@@ -97,13 +93,7 @@ def mpt(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 
 def gpt_neox(f: Fields, name: str, model_type: str) -> ArchSpec:
-    hidden = f.need("hidden_size")
-    heads = f.need("num_attention_heads")
-    layers = f.need("num_hidden_layers")
-    vocab = f.need("vocab_size")
-    inter = f.need("intermediate_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab, inter = read_core(f, extra=("intermediate_size",))
     bias = bool(f.get("attention_bias", default=True))
     linears = (
         Linear("attention.query_key_value", hidden, 3 * hidden, bias),
@@ -120,12 +110,7 @@ def gpt_neox(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def gpt2(f: Fields, name: str, model_type: str) -> ArchSpec:
     """GPT-2: Conv1D projections (which transformers' bitsandbytes integration quantizes too), learned positions."""
-    hidden = f.need("n_embd", "hidden_size")
-    heads = f.need("n_head", "num_attention_heads")
-    layers = f.need("n_layer", "num_hidden_layers")
-    vocab = f.need("vocab_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab = read_core(f, **GPT_SPELLING)
     positions = f.int_or("n_positions", "max_position_embeddings", default=1024)
     inner = f.int_or("n_inner", default=4 * hidden)
     linears = (
@@ -143,12 +128,7 @@ def gpt2(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def gptj(f: Fields, name: str, model_type: str) -> ArchSpec:
     """GPT-J: parallel attention and MLP under one LayerNorm, unbiased q/k/v/out, a biased head."""
-    hidden = f.need("n_embd", "hidden_size")
-    heads = f.need("n_head", "num_attention_heads")
-    layers = f.need("n_layer", "num_hidden_layers")
-    vocab = f.need("vocab_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab = read_core(f, **GPT_SPELLING)
     inner = f.int_or("n_inner", default=4 * hidden)
     linears = (
         Linear("attn.k_proj", hidden, hidden), Linear("attn.v_proj", hidden, hidden),
@@ -164,13 +144,7 @@ def gptj(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def opt(f: Fields, name: str, model_type: str) -> ArchSpec:
     """OPT: learned positions with an offset of 2, biased projections, optional in/out projections (350M)."""
-    hidden = f.need("hidden_size")
-    heads = f.need("num_attention_heads")
-    layers = f.need("num_hidden_layers")
-    vocab = f.need("vocab_size")
-    ffn = f.need("ffn_dim")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab, ffn = read_core(f, extra=("ffn_dim",))
     positions = f.int_or("max_position_embeddings", default=2048)
     proj = f.int_or("word_embed_proj_dim", default=hidden)
     bias = bool(f.get("enable_bias", default=True))
@@ -194,12 +168,8 @@ def opt(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def bloom(f: Fields, name: str, model_type: str) -> ArchSpec:
     """BLOOM: ALiBi (no position embeddings), a LayerNorm after the embeddings, biased fused qkv."""
-    hidden = f.need("hidden_size", "n_embed")
-    heads = f.need("n_head", "num_attention_heads")
-    layers = f.need("n_layer", "num_hidden_layers")
-    vocab = f.need("vocab_size")
-    f.check()
-    f.head_dim(hidden, heads, field=None)
+    hidden, heads, layers, vocab = read_core(f, hidden=("hidden_size", "n_embed"), heads=("n_head", "num_attention_heads"),
+                                            layers=("n_layer", "num_hidden_layers"))
     linears = (
         Linear("self_attention.query_key_value", hidden, 3 * hidden, True),
         Linear("self_attention.dense", hidden, hidden, True),

@@ -12,6 +12,16 @@ from ..spec import CacheLayout, Fields, Linear
 ENUMERATE_LIMIT = 1 << 16
 
 
+def read_core(f: Fields, hidden: tuple[str, ...] = ("hidden_size",), heads: tuple[str, ...] = ("num_attention_heads",),
+              layers: tuple[str, ...] = ("num_hidden_layers",), extra: tuple[str, ...] = ()) -> list[int]:
+    """[hidden, heads, layers, vocab, *extra]: each family's spelling of the required widths, the missing ones
+    named together, and the heads checked against the width."""
+    values = [f.need(*hidden), f.need(*heads), f.need(*layers), f.need("vocab_size")] + [f.need(e) for e in extra]
+    f.check()
+    f.head_dim(values[0], values[1], field=None)
+    return values
+
+
 def layernorm(width: int, bias: bool = True) -> int:
     """Parameters of a LayerNorm (weight and bias) or, with bias=False, of an RMSNorm (weight only)."""
     return width * (2 if bias else 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from math import ceil
 
 from ..spec import ArchSpec, CacheLayout, Fields, LayerGroup, Linear
-from .common import attention_cache, gated_mlp, qkvo
+from .common import attention_cache, gated_mlp, qkvo, read_core
 
 
 def mamba(f: Fields, name: str, model_type: str) -> ArchSpec:
@@ -45,12 +45,7 @@ def mamba(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def falcon_h1(f: Fields, name: str, model_type: str) -> ArchSpec:
     """Falcon-H1: each layer runs attention and a Mamba-2 mixer side by side, then a SwiGLU MLP."""
-    hidden = f.need("hidden_size")
-    heads = f.need("num_attention_heads")
-    layers = f.need("num_hidden_layers")
-    vocab = f.need("vocab_size")
-    inter = f.need("intermediate_size")
-    f.check()
+    hidden, heads, layers, vocab, inter = read_core(f, extra=("intermediate_size",))
     kv_heads = f.int_or("num_key_value_heads", default=heads)
     head_dim = f.head_dim(hidden, heads)
     d_ssm = f.int_or("mamba_d_ssm", default=f.int_or("mamba_expand", default=2) * hidden)
