@@ -30,6 +30,7 @@ def __getattr__(name: str):
 __all__ = [
     "ArchSpec", "ConfigError", "FalconbenchError", "GPU", "Linear", "ModelNotFoundError", "ModelSource",
     "PlanRow", "SCHEMES", "Scheme", "UsageError", "get_gpu", "get_scheme", "gpu_profiles", "kv_cache_bytes",
-    "FitResult", "FitRow", "ReadProblem", "RunOutcome", "RunResult", "fit", "plan", "plan_point", "read_results", "resolve_model",
+    "FitResult", "FitRow", "ReadProblem", "RunOutcome", "RunResult", "fit", "plan", "plan_point", "read_results",
+    "resolve_model",
     "run_benchmark", "spec_from_config", "weights_bytes", "write_report",
 ]

@@ -28,8 +28,9 @@ def uniform(name: str, model_type: str, *, hidden: int, heads: int, kv_heads: in
 
 
 def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
-    hidden, heads, layers, vocab = read_core(f, hidden=("hidden_size", "d_model"), heads=("num_attention_heads", "n_head"),
-                                            layers=("num_hidden_layers", "n_layer"))
+    hidden, heads, layers, vocab = read_core(
+        f, hidden=("hidden_size", "d_model"), heads=("num_attention_heads", "n_head"),
+        layers=("num_hidden_layers", "n_layer"))
     # Legacy "RefinedWeb" (Falcon-40B before transformers adopted it) is the new decoder architecture.
     new_arch = bool(f.get("new_decoder_architecture", default=model_type == "refinedweb"))
     multi_query = bool(f.get("multi_query", default=model_type == "refinedwebmodel"))
@@ -68,8 +69,9 @@ def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 
 def mpt(f: Fields, name: str, model_type: str) -> ArchSpec:
-    hidden, heads, layers, vocab = read_core(f, hidden=("d_model", "hidden_size"), heads=("n_heads", "num_attention_heads"),
-                                            layers=("n_layers", "num_hidden_layers"))
+    hidden, heads, layers, vocab = read_core(
+        f, hidden=("d_model", "hidden_size"), heads=("n_heads", "num_attention_heads"),
+        layers=("n_layers", "num_hidden_layers"))
     attn = f.get("attn_config", default={})
     if not isinstance(attn, dict):
         raise ConfigError(f"{f.source}: attn_config must be a JSON object, got {str(attn)[:40]!r}")
@@ -168,8 +170,9 @@ def opt(f: Fields, name: str, model_type: str) -> ArchSpec:
 
 def bloom(f: Fields, name: str, model_type: str) -> ArchSpec:
     """BLOOM: ALiBi (no position embeddings), a LayerNorm after the embeddings, biased fused qkv."""
-    hidden, heads, layers, vocab = read_core(f, hidden=("hidden_size", "n_embed"), heads=("n_head", "num_attention_heads"),
-                                            layers=("n_layer", "num_hidden_layers"))
+    hidden, heads, layers, vocab = read_core(
+        f, hidden=("hidden_size", "n_embed"), heads=("n_head", "num_attention_heads"),
+        layers=("n_layer", "num_hidden_layers"))
     linears = (
         Linear("self_attention.query_key_value", hidden, 3 * hidden, True),
         Linear("self_attention.dense", hidden, hidden, True),

@@ -43,8 +43,9 @@ def mixtral(f: Fields, name: str, model_type: str) -> ArchSpec:
     f.check()
     window = sliding_window_or_none(f)
     kind = "sliding_attention" if window else "full_attention"
-    parts = {kind: (qkvo(d.hidden, d.heads, d.kv_heads, d.head_dim), 2 * d.hidden + experts * d.hidden,
-                    (attention_cache(kind, d.kv_heads, d.head_dim, window),), (routed(f, d.hidden, d.inter, experts, 2),))}
+    cache = (attention_cache(kind, d.kv_heads, d.head_dim, window),)
+    parts = {kind: (qkvo(d.hidden, d.heads, d.kv_heads, d.head_dim), 2 * d.hidden + experts * d.hidden, cache,
+                    (routed(f, d.hidden, d.inter, experts, 2),))}
     return assemble(f, name, model_type, d, {kind: d.layers}, parts, bool(f.get("tie_word_embeddings", default=False)))
 
 
@@ -84,7 +85,8 @@ def qwen_moe(f: Fields, name: str, model_type: str) -> ArchSpec:
         attention_kind, sparse = kind
         cache = (attention_cache(attention_kind, d.kv_heads, d.head_dim, window),)
         if sparse:
-            parts[kind] = (attention + shared, norms + experts * d.hidden, cache, (routed(f, d.hidden, moe_inter, experts, 8 if qwen3 else 4),))
+            experts_block = routed(f, d.hidden, moe_inter, experts, 8 if qwen3 else 4)
+            parts[kind] = (attention + shared, norms + experts * d.hidden, cache, (experts_block,))
         else:
             parts[kind] = (attention + gated_mlp(d.hidden, d.inter), norms, cache, ())
     return assemble(f, name, model_type, d, dict(counts), parts, bool(f.get("tie_word_embeddings", default=False)))
@@ -120,7 +122,8 @@ def deepseek(f: Fields, name: str, model_type: str) -> ArchSpec:
     # The router (experts × hidden) stays float32: `_keep_in_fp32_modules_strict = ["gate.weight"]`.
     parts = {
         "dense": (attention + gated_mlp(d.hidden, d.inter), norms, cache, (), 0),
-        "moe": (attention + shared_mlp, norms, cache, (routed(f, d.hidden, moe_inter, experts, 8),), experts * d.hidden),
+        "moe": (attention + shared_mlp, norms, cache, (routed(f, d.hidden, moe_inter, experts, 8),),
+                experts * d.hidden),
     }
     counts = {"dense": dense, "moe": d.layers - dense}
     return assemble(f, name, model_type, d, counts, parts, bool(f.get("tie_word_embeddings", default=False)))
