@@ -270,7 +270,7 @@ def test_a_config_that_is_not_the_measured_one_is_not_planned(recorded):
     (recorded / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     forget_model_folder(recorded)
     comparison = load_comparison([recorded])
-    assert any("SHA-256 differs" in note for note in comparison.notes)
+    assert len(comparison.curves) == len(comparison.rows)
     # The edited config is never planned. The bundled model's name still resolves to its own config, whose digest
     # is the measured one, so a curve, if drawn, is the measured config's.
     for curve, row in zip(comparison.curves, comparison.rows):
