@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
+from . import activations
 from .errors import UsageError
 from .planner import CUDA_CONTEXT_BYTES, DEVICES, check_positive, weights_bytes
 from .schemes import FP32, Scheme, get_scheme
@@ -195,113 +196,26 @@ def trainable_bytes_per_param(setup: FinetuneSetup) -> int:
 
 def weight_copy_bytes(spec: ArchSpec, setup: FinetuneSetup) -> int:
     """Mixed precision's 16-bit copies of every matmul weight (and bias), made by autocast in the forward and kept
-    for backward: the decoder's linears and the head (the embedding matrix again when the head is tied)."""
+    for backward: the decoder's linears and the head (the embedding matrix again when the head is tied). A
+    checkpointed forward keeps none inside the layers; each layer's come back with its recomputation."""
     if not setup.mixed_precision:
         return 0
     head = spec.lm_head.params if spec.lm_head else spec.vocab_size * spec.hidden_size
-    return (spec.linear_params + head) * setup.scheme.float_bytes
-
-
-def activation_widths(setup: FinetuneSetup) -> tuple[int, int]:
-    """(residual stream, matmul operand) bytes per element.
-
-    lora: both the base dtype. qlora: fp32, since prepare_model_for_kbit_training makes the embeddings and norms
-    fp32 and Linear4bit returns its input's dtype. full under autocast: an fp32 residual (fp32 parameters), 16-bit
-    matmuls.
-    """
-    if setup.method == "qlora":
-        return FP32, FP32
-    base = setup.scheme.float_bytes
-    return (FP32, base) if setup.mixed_precision else (base, base)
-
-
-def layer_activation_bytes_per_token(spec: ArchSpec, setup: FinetuneSetup) -> int:
-    """Bytes one decoder layer saves for backward, per token, without checkpointing.
-
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1) count
-    s·b·h·(34 + 5·a·s/h) for a GPT layer in 16 bits with dropout; written here term by term, with their rules:
-    no dropout (lora_dropout 0, Falcon/Llama have none), SDPA/flash attention in place of the 5·a·s/h score terms
-    (q, k, v and the output are kept, plus an fp32 log-sum-exp per head), the real MLP width and gating, and
-    autograd's rule that a linear keeps its input only when its weight trains (so a frozen base keeps less).
-    """
-    res, mm = activation_widths(setup)
-    h, f = spec.hidden_size, spec.intermediate_size
-    kv = spec.num_kv_heads * spec.head_dim
-    trains_base = not setup.adapters
-    gated = is_gated(spec)
-    norms = norm_count(spec)
-    if gated:  # RMSNorm: an fp32 copy of its input and the rsqrt, plus the normed tensor when its weight trains
-        norm_bytes = norms * (FP32 * h + FP32 + (res * h if trains_base else 0))
-    else:  # LayerNorm: its input, plus fp32 mean and rstd
-        norm_bytes = norms * (res * h + 2 * FP32)
-    attention = mm * (h + 2 * kv + h) + FP32 * spec.num_heads  # q, k, v, output, log-sum-exp
-    mlp = mm * 3 * f if gated else mm * f  # SiLU input and both factors of the product; GELU input
-    linear_inputs = 0
-    if trains_base:  # attention input, out-projection input, MLP input (shared by gate/up), down input
-        linear_inputs = mm * (h + h + (h if gated or norms == 2 else 0) + f)
-    return norm_bytes + attention + mlp + linear_inputs + adapter_activation_bytes_per_token(spec, setup)
-
-
-def is_gated(spec: ArchSpec) -> bool:
-    """A SwiGLU MLP (gate, up, down) with RMSNorms, as Llama's; otherwise a GPT-style GELU MLP with LayerNorms."""
-    return any(lin.name.endswith("gate_proj") for lin in spec.layer_linears)
-
-
-def norm_count(spec: ArchSpec) -> int:
-    """Norms per decoder layer, from their parameters: RMSNorm (and MPT's LayerNorm) has a weight of `hidden`,
-    a biased LayerNorm twice that."""
-    width = spec.hidden_size if is_gated(spec) or spec.model_type == "mpt" else 2 * spec.hidden_size
-    return max(1, spec.layer_norm_params // width)
-
-
-def adapter_activation_bytes_per_token(spec: ArchSpec, setup: FinetuneSetup) -> int:
-    """What LoRA adds per layer per token: lora_A keeps its input cast to fp32 (one copy per adapter, shared
-    only when the input is already fp32), lora_B keeps A's output (r fp32 values). peft `lora/layer.py` forward."""
-    if not setup.adapters:
-        return 0
-    _, mm = activation_widths(setup)
-    linears = targeted_linears(spec, setup.lora_targets)
-    inputs = _distinct_input_elements(linears) if mm == FP32 else sum(lin.in_features for lin in linears)
-    return FP32 * inputs + FP32 * setup.lora_r * len(linears)
-
-
-def _distinct_input_elements(linears: Iterable[Linear]) -> int:
-    """Input widths of linears that read distinct tensors: q/k/v read one tensor, so do gate/up (by module
-    group: the same parent module and the same in_features)."""
-    groups = {(lin.name.rsplit(".", 1)[0], lin.in_features) for lin in linears}
-    return sum(width for _, width in groups)
-
-
-def activation_bytes(spec: ArchSpec, setup: FinetuneSetup) -> int:
-    """Activations saved for backward over the whole model.
-
-    Without checkpointing: every layer's saved set, plus the final norm's input. With it (transformers checkpoints
-    each decoder layer, `GradientCheckpointingLayer`): only each layer's input (Korthikanti's "full recomputation:
-    2sbh" in 16 bits), plus the final norm's input.
-    """
-    res, _ = activation_widths(setup)
-    tokens = setup.seq_len * setup.batch
-    per_layer = res * spec.hidden_size if setup.gradient_checkpointing \
-        else layer_activation_bytes_per_token(spec, setup)
-    return tokens * (spec.num_layers * per_layer + res * spec.hidden_size)
-
-
-def recompute_bytes(spec: ArchSpec, setup: FinetuneSetup) -> int:
-    """With checkpointing, backward recomputes one layer at a time: one layer's saved set lives at once."""
-    if not setup.gradient_checkpointing:
-        return 0
-    return setup.seq_len * setup.batch * layer_activation_bytes_per_token(spec, setup)
+    layers = 0 if setup.gradient_checkpointing else spec.linear_params
+    return (layers + head) * setup.scheme.float_bytes
 
 
 def logits_bytes(spec: ArchSpec, setup: FinetuneSetup) -> tuple[int, int]:
-    """(logits and the fp32 log-softmax output the loss keeps, their fp32 gradient): batch × seq × vocab each.
+    """(logits, the fp32 log-softmax output the loss keeps and its int64 targets; their fp32 gradient): batch × seq
+    × vocab each.
 
     The logits come out in the head's dtype (fp32 after qlora's prepare; 16-bit under autocast or a 16-bit base);
     transformers' ForCausalLMLoss upcasts them to fp32 and cross-entropy keeps its log-softmax (loss_utils.py).
     """
     positions = setup.seq_len * setup.batch * spec.vocab_size
     head_bytes = FP32 if setup.method == "qlora" else setup.scheme.float_bytes
-    return positions * (head_bytes + FP32), positions * FP32
+    targets = setup.seq_len * setup.batch * activations.INT64
+    return positions * (head_bytes + FP32) + targets, positions * FP32
 
 
 @dataclass(frozen=True)
@@ -376,7 +290,8 @@ def plan_finetune_point(spec: ArchSpec, setup: FinetuneSetup, device: str = "cud
         trainable_bytes=trainable * per_param, weight_copy_bytes=weight_copy_bytes(spec, setup),
         gradient_bytes=trainable * per_param,
         optimizer_bytes=sum(optimizer.state_bytes(n, per_param) for n in sizes),
-        activation_bytes=activation_bytes(spec, setup), recompute_bytes=recompute_bytes(spec, setup),
+        activation_bytes=activations.activation_bytes(spec, setup, device),
+        recompute_bytes=activations.recompute_bytes(spec, setup, device),
         logits_bytes=logits, logits_grad_bytes=logits_grad,
         cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
         adapter_bytes=trainable * ADAPTER_BYTES_PER_PARAM if setup.adapters else None, warnings=tuple(warnings),

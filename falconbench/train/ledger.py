@@ -1,8 +1,8 @@
 """What autograd saves for backward, counted tensor by tensor through `torch.autograd.graph.saved_tensors_hooks`.
 
-Each saved tensor is put in one category by what it is: a parameter (not counted: the weights are counted as
-weights), the logits path (a last dimension of the vocabulary's size), a weight copy (mixed precision's 16-bit
-copy of a weight, which autograd saves transposed for the input's gradient), or an activation. Storages count once
+Each saved tensor is put in one category: a parameter (not counted: the weights are counted as weights), a weight
+copy (mixed precision's 16-bit copy of a weight, which autograd saves transposed for the input's gradient), or
+the category of the code that saved it: "activation" for the model's forward, "logits" for the loss after it. Storages count once
 while alive: a finalizer on each saved tensor takes its bytes off when autograd lets go of it, so the peak of
 what a backward recomputes (gradient checkpointing) is measured, not summed.
 """
@@ -19,9 +19,9 @@ CATEGORIES = ("activation", "logits", "weight_copy")
 class SavedTensorLedger:
     """Live bytes of saved tensors per category, and the peak of those saved while `recording` is set."""
 
-    def __init__(self, model: Any, vocab_size: int, copy_dtype: Any = None):
-        self.vocab_size = vocab_size
+    def __init__(self, model: Any, copy_dtype: Any = None):
         self.copy_dtype = copy_dtype
+        self.current = "activation"
         self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.param_storages |= {b.untyped_storage().data_ptr() for b in model.buffers()}
         self.weight_shapes = {tuple(p.shape[::-1]) for p in model.parameters() if p.dim() == 2}
@@ -31,12 +31,19 @@ class SavedTensorLedger:
         self.backward_peak = 0
 
     def category(self, tensor: Any) -> str:
-        if tensor.dim() and tensor.shape[-1] == self.vocab_size:
-            return "logits"
         if (self.copy_dtype is not None and tensor.dim() == 2 and tensor.dtype == self.copy_dtype
                 and not tensor.is_contiguous() and tuple(tensor.shape) in self.weight_shapes):
             return "weight_copy"
-        return "activation"
+        return self.current
+
+    @contextmanager
+    def saving_as(self, category: str) -> Iterator[None]:
+        """Tensors saved inside are of `category` (e.g. "logits" around the loss)."""
+        previous, self.current = self.current, category
+        try:
+            yield
+        finally:
+            self.current = previous
 
     def pack(self, tensor: Any) -> Any:
         storage = tensor.untyped_storage()

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..finetune import ADAPTER_BYTES_PER_PARAM, FinetuneSetup, get_optimizer
+from ..planner import DEVICES, check_positive
 from ..run.footprint import bnb_state_tensors, tensor_bytes
 from .ledger import SavedTensorLedger
 
@@ -32,6 +34,13 @@ class StepSettings:
     warmup: int = 1
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self):
+        check_positive("steps (--repeats)", self.steps)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise UsageError(f"warmup must be a whole number of steps (0 or more), got {self.warmup!r}")
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device {self.device!r}. Choose from: {', '.join(DEVICES)}")
 
 
 def load_base(folder: Path, setup: FinetuneSetup, device: str):
@@ -89,11 +98,23 @@ def make_optimizer(setup: FinetuneSetup, params: list):
     return cls(params, lr=LEARNING_RATE)
 
 
-def training_batch(tokenizer, setup: FinetuneSetup, vocab_size: int, device: str, text_path: Path):
+def text_tokens(folder: Path, text_path: Path):
+    """The text's token ids by the model's tokenizer; a folder without one (the tiny test models, vocabulary 256)
+    reads the text as UTF-8 bytes."""
+    import torch
+
+    text = text_path.read_text(encoding="utf-8")
+    if not any(Path(folder).glob("tokenizer*")):
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), "utf-8 bytes"
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))(text, return_tensors="pt").input_ids[0], "model tokenizer"
+
+
+def training_batch(ids, setup: FinetuneSetup, vocab_size: int, device: str):
     """`batch` consecutive windows of `seq_len` tokens of the text, and labels shifted as transformers shifts them."""
     import torch
 
-    ids = tokenizer(text_path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     needed = setup.seq_len * setup.batch
     if ids.numel() < needed:
         ids = ids.repeat(-(-needed // ids.numel()))
@@ -121,7 +142,6 @@ def measure_finetune(folder: Path, setup: FinetuneSetup, settings: StepSettings,
                      tracker: Any = None, output_dir: Path | None = None) -> dict[str, Any]:
     """Train for warmup + timed steps and return the measured row's fields."""
     import torch
-    from transformers import AutoTokenizer
 
     torch.manual_seed(settings.seed)
     device = settings.device
@@ -130,17 +150,17 @@ def measure_finetune(folder: Path, setup: FinetuneSetup, settings: StepSettings,
     vocab = model.get_output_embeddings().weight.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(setup, params)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    input_ids, labels = training_batch(tokenizer, setup, vocab, device, text_path)
+    ids, tokens_from = text_tokens(folder, text_path)
+    input_ids, labels = training_batch(ids, setup, vocab, device)
     copy_dtype = torch.bfloat16 if setup.dtype == "bf16" else torch.float16
     autocast = (lambda: torch.autocast(device_type=device, dtype=copy_dtype)) if setup.mixed_precision \
         else nullcontext
     fields: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params),
-                              "frozen_weights_bytes": frozen_bytes(model), "trainable_bytes": tensor_bytes(params)}
+                              "frozen_weights_bytes": frozen_bytes(model), "trainable_bytes": tensor_bytes(params), "tokens_from": tokens_from}
     losses, seconds = [], []
     for step in range(settings.warmup + settings.steps):
         counted = step == settings.warmup
-        ledger = SavedTensorLedger(model, vocab, copy_dtype if setup.mixed_precision else None) if counted else None
+        ledger = SavedTensorLedger(model, copy_dtype if setup.mixed_precision else None) if counted else None
         loss, step_seconds = train_step(model, optimizer, input_ids, labels, autocast, ledger, tracker, fields)
         losses.append(loss)
         if step >= settings.warmup:
@@ -167,9 +187,10 @@ def train_step(model, optimizer, input_ids, labels, autocast, ledger, tracker, f
     begin("forward")
     with ledger.recording("forward") if ledger else nullcontext(), autocast():
         logits = model(input_ids=input_ids).logits
-        upcast = logits.float()
-        loss = torch.nn.functional.cross_entropy(upcast.view(-1, upcast.shape[-1]), labels.view(-1),
-                                                 ignore_index=-100)
+        with ledger.saving_as("logits") if ledger else nullcontext():
+            upcast = logits.float()
+            loss = torch.nn.functional.cross_entropy(upcast.view(-1, upcast.shape[-1]), labels.view(-1),
+                                                     ignore_index=-100)
     end("forward")
     if ledger:
         saved = ledger.bytes_by_category()
