@@ -172,3 +172,23 @@ def test_finetune_rows_stay_out_of_the_inference_reader(tmp_path):
     append_row(path, {"task": "finetune", "model": "m", "dtype": "bf16", "status": "ok"})
     rows, problems = read_results(path)
     assert [r.model for r in rows] == ["m"] and not problems
+
+
+def test_planning_a_finetune_never_imports_torch_or_peft():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        from falconbench.cli import main
+        for args in (["plan", "--task", "finetune", "-m", "falcon-7b", "--method", "lora,qlora,full"],
+                     ["fit", "--task", "finetune", "-m", "falcon-7b", "--method", "qlora", "-g", "T4"]):
+            try:
+                main(args + ["-f", "json"])
+            except SystemExit as e:
+                assert not e.code, e.code
+        heavy = [m for m in ("torch", "transformers", "bitsandbytes", "peft", "numpy") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
