@@ -299,13 +299,18 @@ def plan_finetune_point(spec: ArchSpec, setup: FinetuneSetup, device: str = "cud
 
 
 def refuse_unplannable(spec: ArchSpec) -> None:
-    """Fine-tuning is planned exactly only for dense decoders; MoE experts and recurrent state are refused."""
-    for name, what in (("num_experts", "mixture-of-experts"), ("experts", "mixture-of-experts"),
-                       ("recurrent", "recurrent-state"), ("state_size", "recurrent-state")):
-        value = getattr(spec, name, None)
-        if value:
-            raise UsageError(f"{spec.name} is a {what} model; falconbench plans fine-tuning only for dense "
-                             "decoder transformers. Plan its inference instead (--task inference)")
+    """Fine-tuning is planned only for uniform dense decoders with attention caches: mixture-of-experts layers,
+    layer groups of several kinds (hybrids), MLA and recurrent state are refused rather than planned wrongly."""
+    groups = getattr(spec, "groups", ())
+    kinds = {cache.kind for _, cache in getattr(spec, "caches", ())}
+    reason = ("mixture-of-experts layers" if any(getattr(g, "experts", ()) for g in groups) else
+              "layers of several kinds" if len(groups) > 1 else
+              "MLA or recurrent layers" if kinds - {"full_attention", "sliding_attention"} else
+              "linears outside its decoder layers" if getattr(spec, "extra_linears", ()) else None)
+    if reason:
+        raise UsageError(f"{spec.name} has {reason}; falconbench plans fine-tuning only for uniform dense decoder "
+                         "transformers (Falcon, Llama, Mistral, MPT, GPT-NeoX and Llama-style). Plan its inference "
+                         "instead (--task inference)")
 
 
 def plan_finetune(models: Iterable[str], setups: Iterable[FinetuneSetup], device: str = "cuda") -> list[FinetuneRow]:

@@ -192,3 +192,18 @@ def test_planning_a_finetune_never_imports_torch_or_peft():
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_specs_the_planner_cannot_plan_exactly_are_refused():
+    from types import SimpleNamespace
+
+    from falconbench.finetune import refuse_unplannable
+
+    moe = SimpleNamespace(name="moe", groups=(SimpleNamespace(experts=("e",)),), caches=())
+    hybrid = SimpleNamespace(name="hybrid", groups=(SimpleNamespace(experts=()),) * 2, caches=())
+    recurrent = SimpleNamespace(name="ssm", groups=(SimpleNamespace(experts=()),),
+                                caches=((1, SimpleNamespace(kind="recurrent")),))
+    for spec, reason in ((moe, "mixture-of-experts"), (hybrid, "several kinds"), (recurrent, "recurrent")):
+        with pytest.raises(UsageError, match=reason):
+            refuse_unplannable(spec)
+    refuse_unplannable(FALCON_7B)

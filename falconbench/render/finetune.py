@@ -157,7 +157,8 @@ def run_title(row: dict[str, Any]) -> str:
 def run_tables(rows: Sequence[dict[str, Any]]) -> list[Table]:
     tables = []
     for row in rows:
-        table = Table(title=run_title(row), title_justify="left")
+        notes = "; ".join(row.get("measured", {}).get("notes") or [])
+        table = Table(title=run_title(row), title_justify="left", caption=notes or None, caption_justify="left")
         for header, right in (("Component", False), ("Planned", True), ("Measured", True), ("Δplan", True)):
             table.add_column(header, justify="right" if right else "left")
         for cells in run_cells(row):

@@ -167,12 +167,26 @@ def measure_finetune(folder: Path, setup: FinetuneSetup, settings: StepSettings,
             seconds.append(step_seconds)
         if counted:
             fields["optimizer_bytes"] = moment_bytes(optimizer)
+    fields["notes"] = run_notes(setup, device)
     tokens = setup.seq_len * setup.batch
     fields.update(losses=losses, step_seconds=seconds, seconds_per_step=sum(seconds) / len(seconds),
                   tokens_per_second=tokens * len(seconds) / sum(seconds), loss_fell=losses[-1] < losses[0])
     if setup.adapters and output_dir is not None:
         fields.update(save_adapter(model, output_dir))
     return fields
+
+
+def run_notes(setup: FinetuneSetup, device: str) -> list[str]:
+    """What a reader of the row must know about how this device ran it."""
+    notes = []
+    if setup.method == "qlora":
+        notes.append(f"bitsandbytes 4-bit forward and backward ran on {device}")
+    optimizer = get_optimizer(setup.optimizer)
+    if optimizer.paged and device == "cpu":
+        notes.append("paged optimizer on CPU: bitsandbytes keeps its state as ordinary tensors (no managed memory)")
+    if device == "cpu":
+        notes.append("peaks are the process's RSS (CPU has no allocator counter); components are counted per tensor")
+    return notes
 
 
 def train_step(model, optimizer, input_ids, labels, autocast, ledger, tracker, fields) -> tuple[float, float]:
