@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .finetune import FinetuneSetup
 
 OUT_PROJECTIONS = ("o_proj", "dense", "out_proj")  # read the attention output, not a norm
-DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h")  # read the MLP's activation
+DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h", "fc2", "fc_out")  # read the MLP's activation
 INT64 = 8
 
 
@@ -55,6 +55,8 @@ def norm_count(spec: ArchSpec) -> int:
 def role(lin: Linear) -> str:
     """What a linear reads: "attn" and "mlp" read a norm's output, "out" the attention, "down" the activation."""
     last = lin.name.rsplit(".", 1)[-1]
+    if last == "c_proj":  # GPT-2 names both projections back to the residual c_proj
+        return "out" if lin.name.startswith("attn") else "down"
     if last in OUT_PROJECTIONS:
         return "out"
     if last in DOWN_PROJECTIONS:

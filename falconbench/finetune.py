@@ -39,8 +39,11 @@ ADAPTER_BYTES_PER_PARAM = FP32  # peft keeps (and saves) adapters in fp32 unless
 # peft's default LoRA targets per model type (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 # peft 0.21; tests/test_finetune.py checks every entry against the installed peft).
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "falcon": ("query_key_value",), "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
-    "mpt": ("Wqkv",), "gpt_neox": ("query_key_value",), "qwen2": ("q_proj", "v_proj"),
+    "bloom": ("query_key_value",), "falcon": ("query_key_value",), "gpt_neox": ("query_key_value",),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "gemma3_text": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",), "gptj": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
+    "mpt": ("Wqkv",), "opt": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
 }
 
 # bitsandbytes 8-bit optimizers (bnb 0.50 optim/optimizer.py Optimizer2State.init_state): tensors of at least
@@ -182,10 +185,10 @@ def frozen_weights_bytes(spec: ArchSpec, setup: FinetuneSetup) -> int:
     scheme = setup.scheme
     if setup.method == "lora":
         return weights_bytes(spec, scheme)
-    floating_elements = (weights_bytes(spec, scheme) - spec.num_layers * sum(
-        scheme.linear_weight_bytes(lin.in_features, lin.out_features) for lin in spec.layer_linears)) \
-        // scheme.float_bytes
-    return weights_bytes(spec, scheme) + floating_elements * (FP32 - scheme.float_bytes)
+    quantized = spec.num_layers * sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features)
+                                      for lin in spec.layer_linears)
+    linear_weights = spec.num_layers * sum(lin.in_features * lin.out_features for lin in spec.layer_linears)
+    return quantized + (spec.param_count - linear_weights) * FP32
 
 
 def trainable_bytes_per_param(setup: FinetuneSetup) -> int:
@@ -304,7 +307,7 @@ def refuse_unplannable(spec: ArchSpec) -> None:
     groups = getattr(spec, "groups", ())
     kinds = {cache.kind for _, cache in getattr(spec, "caches", ())}
     reason = ("mixture-of-experts layers" if any(getattr(g, "experts", ()) for g in groups) else
-              "layers of several kinds" if len(groups) > 1 else
+              "layers of several kinds" if len({(g.linears, g.float_params) for g in groups}) > 1 else
               "MLA or recurrent layers" if kinds - {"full_attention", "sliding_attention"} else
               "linears outside its decoder layers" if getattr(spec, "extra_linears", ()) else None)
     if reason:

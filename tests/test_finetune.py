@@ -199,11 +199,14 @@ def test_specs_the_planner_cannot_plan_exactly_are_refused():
 
     from falconbench.finetune import refuse_unplannable
 
-    moe = SimpleNamespace(name="moe", groups=(SimpleNamespace(experts=("e",)),), caches=())
-    hybrid = SimpleNamespace(name="hybrid", groups=(SimpleNamespace(experts=()),) * 2, caches=())
-    recurrent = SimpleNamespace(name="ssm", groups=(SimpleNamespace(experts=()),),
-                                caches=((1, SimpleNamespace(kind="recurrent")),))
+    def group(experts=(), float_params=0):
+        return SimpleNamespace(experts=experts, linears=(), float_params=float_params)
+
+    moe = SimpleNamespace(name="moe", groups=(group(("e",)),), caches=())
+    hybrid = SimpleNamespace(name="hybrid", groups=(group(), group(float_params=8)), caches=())
+    recurrent = SimpleNamespace(name="ssm", groups=(group(),), caches=((1, SimpleNamespace(kind="recurrent")),))
     for spec, reason in ((moe, "mixture-of-experts"), (hybrid, "several kinds"), (recurrent, "recurrent")):
         with pytest.raises(UsageError, match=reason):
             refuse_unplannable(spec)
     refuse_unplannable(FALCON_7B)
+    refuse_unplannable(resolve_model("gemma-2-9b").spec())  # sliding and global layers, the same weights
