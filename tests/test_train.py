@@ -79,6 +79,11 @@ def test_run_task_finetune_writes_rows_beside_inference_and_resumes(tiny_falcon_
     assert measured["peak_memory_bytes"] > 0 and set(measured["memory"]["phases"]) == {"forward", "backward",
                                                                                          "optimizer"}
     assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
+    from falconbench.render.finetune import run_markdown
+
+    lines = {line.split(" | ")[3]: line for line in run_markdown(rows).splitlines()[2:]}
+    for component in ("Trainable", "Gradients", "Optimizer", "Adapter"):
+        assert lines[component].endswith("| exact |"), lines[component]
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "--resume" in again.output
     resumed = CliRunner().invoke(cli, args + ["--resume"])

@@ -188,3 +188,28 @@ def run_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def run_json(rows: Sequence[dict[str, Any]]) -> str:
     return to_json(list(rows))
 
+
+
+def run_summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per run: trainable parameters against the plan, the loss, the speed and each phase's peak."""
+    headers = ("Method", "Seq", "Ckpt", "Status", "Trainable params", "Loss first → last", "Step", "tokens/s",
+               "Peak forward", "Peak backward", "Peak optimizer")
+    body = []
+    for row in rows:
+        p, m = row.get("planned", {}), row.get("measured", {})
+        memory = m.get("memory", {})
+        baseline = memory.get("rss_baseline_bytes") or 0
+        phases = memory.get("phases", {})
+        peaks = [format_bytes(phases[ph]["rss_peak_bytes"] - baseline) if "rss_peak_bytes" in phases.get(ph, {})
+                 else format_bytes(phases.get(ph, {}).get("torch_peak_allocated_bytes"))
+                 for ph in ("forward", "backward", "optimizer")]
+        losses = m.get("losses") or []
+        trainable = m.get("trainable_params")
+        body.append([f"{p.get('method')} {p.get('dtype')}", str(p.get("seq_len")),
+                     "yes" if p.get("gradient_checkpointing") else "no", row.get("status", "-"),
+                     f"{trainable:,} ({'= plan' if trainable == p.get('trainable_params') else 'plan ' + str(p.get('trainable_params'))})"
+                     if trainable is not None else "-",
+                     f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "-",
+                     format_seconds(m.get("seconds_per_step")),
+                     f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-", *peaks])
+    return to_markdown(headers, body, (False, True, False, False, True, False, True, True, True, True, True))
