@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from .finetune import FinetuneRow, FinetuneSetup, get_optimizer, plan_finetune_point
 from .fit import check_margin, largest_fitting, usable_bytes
-from .gpus import GPU, get_gpu, gpu_profiles, runs_dtype
+from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
 from .planner import SAFETY_MARGIN, fits_on
 from .sources import resolve_model
 from .spec import ArchSpec
@@ -43,8 +43,8 @@ class FinetuneFitRow:
     headroom_bytes: int
     max_seq_len: int  # at this batch; 0 when nothing fits
     max_batch: int  # at this sequence length
-    dtype_supported: bool  # a bf16 base needs an Ampere or newer card (gpus.runs_dtype)
-    fp16_compute: bool  # qlora on a card without bf16: bnb_4bit_compute_dtype=float16, the same bytes
+    dtype_supported: bool  # the card computes the dtype natively (gpus.dtype_support): bf16 needs Ampere or newer
+    suggestion: str | None  # what to use instead where it does not
     tokens_per_second_bound: float
     plan: FinetuneRow
     task: str = "finetune"
@@ -69,6 +69,7 @@ def tokens_per_second_bound(row: FinetuneRow, gpu: GPU) -> float:
 
 def fit_finetune_row(spec: ArchSpec, setup: FinetuneSetup, gpu: GPU, margin: float) -> FinetuneFitRow:
     plan = plan_finetune_point(spec, setup)
+    supported, suggestion = dtype_support(gpu, setup.scheme)
 
     def fits(seq_len: int, batch: int) -> bool:
         return fits_on(plan_finetune_point(spec, replace(setup, seq_len=seq_len, batch=batch)).total_bytes, gpu,
@@ -81,7 +82,7 @@ def fit_finetune_row(spec: ArchSpec, setup: FinetuneSetup, gpu: GPU, margin: flo
         headroom_bytes=usable_bytes(gpu, margin) - plan.total_bytes,
         max_seq_len=largest_fitting(lambda s: fits(s, setup.batch)),
         max_batch=largest_fitting(lambda b: fits(setup.seq_len, b)),
-        dtype_supported=runs_dtype(gpu, setup.dtype), fp16_compute=setup.method == "qlora" and not gpu.bf16, tokens_per_second_bound=tokens_per_second_bound(plan, gpu),
+        dtype_supported=supported, suggestion=suggestion, tokens_per_second_bound=tokens_per_second_bound(plan, gpu),
         plan=plan,
     )
 
@@ -110,6 +111,9 @@ def fit_finetune(model: str, setups: Iterable[FinetuneSetup], gpus: Iterable[str
 
 def recommend(rows: Sequence[FinetuneFitRow], setups: Sequence[FinetuneSetup]) -> FinetuneFitRow | None:
     order = {(s.method, s.dtype, s.seq_len, s.batch): i for i, s in enumerate(setups)}
-    fitting = [r for r in rows if r.fits and r.dtype_supported] or [r for r in rows if r.fits]
+    # NOTE: qlora on a card without bf16 computes in fp16 with the same bytes (the source post's T4 did), so it
+    # counts as usable; a bf16 base there would have to change dtype, so those rows come last.
+    usable = [r for r in rows if r.fits and (r.dtype_supported or r.method == "qlora")]
+    fitting = usable or [r for r in rows if r.fits]
     return min(fitting, key=lambda r: (r.memory_bytes, -r.tokens_per_second_bound,
                                        order[(r.method, r.dtype, r.seq_len, r.batch)]), default=None)

@@ -70,9 +70,7 @@ def fit_cell(row: FinetuneFitRow) -> str:
     lines = [f"✓ {format_bytes(row.headroom_bytes)} free", f"seq ≤ {row.max_seq_len:,}", f"batch ≤ {row.max_batch:,}",
              f"≤ {row.tokens_per_second_bound:,.0f} tok/s"]
     if not row.dtype_supported:
-        lines.append("no bf16: use fp16")
-    elif row.fp16_compute:
-        lines.append("fp16 compute")
+        lines.append("no bf16: " + ("use fp16" if row.suggestion == "fp16" else "fp16 compute"))
     return "\n".join(lines)
 
 
