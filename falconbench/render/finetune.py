@@ -172,15 +172,18 @@ def run_tables(rows: Sequence[dict[str, Any]]) -> list[Table]:
 
 
 def run_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The README's planned-against-measured table: one line per run and component."""
-    headers = ("Method", "Seq", "Ckpt", "Component", "Planned", "Measured", "Δplan")
+    """The README's planned-against-measured table: a line per run, each component measured and its Δplan."""
+    shown = [(name, key) for name, key in MEASURED
+             if any(r.get("planned", {}).get(key) or r.get("measured", {}).get(key) for r in rows)]
+    headers = ("Method", "Seq", "Ckpt", *(name for name, _ in shown))
     body = []
     for row in rows:
-        p = row.get("planned", {})
-        for cells in run_cells(row):
-            body.append([f"{p.get('method')} {p.get('dtype')}", str(p.get("seq_len")),
-                         "yes" if p.get("gradient_checkpointing") else "no", *cells])
-    return to_markdown(headers, body, (False, True, False, False, True, True, True))
+        p, m = row.get("planned", {}), row.get("measured", {})
+        cells = [f"{format_bytes(m.get(key))} ({versus_plan(m.get(key), p.get(key))})"
+                 if p.get(key) or m.get(key) else "-" for _, key in shown]
+        body.append([f"{p.get('method')} {p.get('dtype')}", str(p.get("seq_len")),
+                     "yes" if p.get("gradient_checkpointing") else "no", *cells])
+    return to_markdown(headers, body, (False, True, False) + (True,) * len(shown))
 
 
 def run_json(rows: Sequence[dict[str, Any]]) -> str:
@@ -191,7 +194,7 @@ def run_json(rows: Sequence[dict[str, Any]]) -> str:
 def run_summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One line per run: trainable parameters against the plan, the loss, the speed and each phase's peak."""
     headers = ("Method", "Seq", "Ckpt", "Status", "Trainable params", "Loss first → last", "Step", "tokens/s",
-               "Peak forward", "Peak backward", "Peak optimizer")
+               "Peak forward", "Peak backward", "Peak optimizer", "Adapter file")
     body = []
     for row in rows:
         p, m = row.get("planned", {}), row.get("measured", {})
@@ -209,5 +212,7 @@ def run_summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
                      if trainable is not None else "-",
                      f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "-",
                      format_seconds(m.get("seconds_per_step")),
-                     f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-", *peaks])
-    return to_markdown(headers, body, (False, True, False, False, True, False, True, True, True, True, True))
+                     f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-", *peaks,
+                     f"{m['adapter_file_bytes']:,} B = {m['adapter_bytes']:,} + {m['adapter_header_bytes']:,} header"
+                     if m.get("adapter_file_bytes") else "-"])
+    return to_markdown(headers, body, (False, True, False, False, True, False, True, True, True, True, True, False))
