@@ -2,6 +2,8 @@
 
 from .api import fit, plan, read_results, run_benchmark
 from .errors import ConfigError, FalconbenchError, ModelNotFoundError, UsageError
+from .finetune import FinetuneRow, FinetuneSetup, plan_finetune, plan_finetune_point
+from .finetune_fit import FinetuneFitResult, fit_finetune
 from .fit import FitResult, FitRow
 from .gpus import GPU, get_gpu, gpu_profiles
 from .planner import PlanRow, kv_cache_bytes, plan_point, weights_bytes
@@ -24,6 +26,10 @@ def __getattr__(name: str):
         from .run import RunOutcome
 
         return RunOutcome
+    if name == "run_finetune":
+        from .train.sweep import run_finetune
+
+        return run_finetune
     raise AttributeError(f"module 'falconbench' has no attribute {name!r}")
 
 
@@ -33,4 +39,6 @@ __all__ = [
     "FitResult", "FitRow", "ReadProblem", "RunOutcome", "RunResult", "fit", "plan", "plan_point", "read_results",
     "resolve_model",
     "run_benchmark", "spec_from_config", "weights_bytes", "write_report",
+    "FinetuneFitResult", "FinetuneRow", "FinetuneSetup", "fit_finetune", "plan_finetune", "plan_finetune_point",
+    "run_finetune",
 ]

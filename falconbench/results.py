@@ -110,7 +110,12 @@ def environment_name(environment: Any, keys: Sequence[str] = DEVICE_NAME_KEYS) -
 def append_result(path: Path, result: RunResult) -> None:
     """Append one row as one line, synced, so finished work survives a crash; a write that fails part-way (a
     full disk) is cut back off, so the file never holds half a row."""
-    data = (json.dumps(result.as_dict(), default=str, allow_nan=True) + "\n").encode("utf-8")
+    append_row(path, result.as_dict())
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """`append_result` for any row as a dict (a fine-tuning row has its own shape and a `task` field)."""
+    data = (json.dumps(row, default=str, allow_nan=True) + "\n").encode("utf-8")
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as exc:
@@ -165,7 +170,10 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
         if not line.strip():
             continue
         try:
-            rows.append(RunResult.from_dict(json.loads(line)))
+            data = json.loads(line)
+            if isinstance(data, dict) and data.get("task", "inference") != "inference":
+                continue  # a fine-tuning row (falconbench.train.sweep reads those)
+            rows.append(RunResult.from_dict(data))
         except json.JSONDecodeError as exc:
             problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}); truncated write?"))
         except (TypeError, ValueError) as exc:

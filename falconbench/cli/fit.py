@@ -7,6 +7,8 @@ import click
 from ..api import fit
 from ..planner import SAFETY_MARGIN
 from ..render.console import console
+from ..errors import UsageError
+from .finetune import finetune_options, fit_finetune_command, given_dtypes, refuse_finetune_options, task_option
 from .options import apply, attn_option, batch_option, context_option, device_option, dtype_option, format_option, \
     kv_dtype_option, model_option, split_list
 
@@ -23,8 +25,9 @@ from .options import apply, attn_option, batch_option, context_option, device_op
        click.option("--calibrate", "calibrate", metavar="DIR",
                     help="A `falconbench run` folder: its measured weights and runtime overhead replace the "
                          "estimates."),
-       format_option())
-def fit_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, gpus, margin, calibrate, fmt):
+       task_option, finetune_options, format_option())
+def fit_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, gpus, margin, calibrate, task,
+                methods, lora_r, lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
     """Which GPU, which dtype, and how much context and batch fit.
 
     For every GPU × dtype: whether weights + KV cache + runtime fit the card less the margin, the headroom,
@@ -37,7 +40,14 @@ def fit_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, 
       falconbench fit -m falcon-40b -c 8k -b 1,8 -g A100-80GB,H100-80GB
       falconbench fit -m falcon-7b,llama-7b -d bf16,nf4
       falconbench fit -m falcon-7b --calibrate reports/run-1 --format json
+      falconbench fit --task finetune -m falcon-7b --method qlora --seq-len 512 --gradient-checkpointing -g T4
     """
+    refuse_finetune_options(task, methods, seq_lens)
+    if task == "finetune":
+        if calibrate or click.get_current_context().get_parameter_source("contexts").name != "DEFAULT":
+            raise UsageError("--calibrate and --context are for --task inference; a fine-tune takes --seq-len")
+        return fit_finetune_command(models, given_dtypes(), batches, gpus, margin, methods, lora_r, lora_targets,
+                                    seq_lens, optimizer, gradient_checkpointing, fmt)
     from ..render import fit as render
 
     results = fit(models, dtypes, contexts, batches, gpus=split_list(gpus) or None, margin=margin,

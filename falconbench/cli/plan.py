@@ -7,6 +7,7 @@ import click
 from ..api import plan
 from ..planner import SEED_MODELS
 from ..render.console import console
+from .finetune import finetune_options, given_dtypes, plan_finetune_command, refuse_finetune_options, task_option
 from .options import apply, attn_option, batch_option, context_option, device_option, dtype_option, format_option, \
     kv_dtype_option, model_option
 
@@ -14,8 +15,9 @@ from .options import apply, attn_option, batch_option, context_option, device_op
 @click.command("plan")
 @apply(model_option("Profile name, model folder, config.json path, or cached hub id. Default: the seed's 7 models."),
        dtype_option(default=("bf16",)), context_option(), batch_option(), kv_dtype_option(), attn_option(),
-       device_option(), format_option())
-def plan_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, fmt):
+       device_option(), task_option, finetune_options, format_option())
+def plan_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, task, methods, lora_r,
+                 lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
     """Exact weights and KV-cache memory, plus estimated runtime memory.
 
     Each list option takes a comma list and may repeat; the rows are the cross product.
@@ -25,7 +27,12 @@ def plan_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device,
       falconbench plan
       falconbench plan -m falcon-40b -d bf16,int8,nf4 -c 2048,8k,32k
       falconbench plan -m ./my-model/config.json -b 1,8 --format json
+      falconbench plan --task finetune -m falcon-7b --method lora,qlora,full --seq-len 512,2k
     """
+    refuse_finetune_options(task, methods, seq_lens)
+    if task == "finetune":
+        return plan_finetune_command(models, given_dtypes(), batches, device, methods, lora_r, lora_targets,
+                                     seq_lens, optimizer, gradient_checkpointing, fmt)
     from ..render import plan as render
 
     rows = plan(models or SEED_MODELS, dtypes, contexts, batches, kv_dtype=kv_dtype, attn_impl=attn_impl,

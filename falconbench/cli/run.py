@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..render.console import console, err_console
 from ..run.config import RunConfig
 from ..schemes import KV_DTYPE_AUTO
+from .finetune import finetune_options, refuse_finetune_options, task_option
 from .options import apply, attn_option, batch_option, device_option, dtype_option, format_option, \
     COUNT, kv_dtype_option, model_option
 
@@ -66,10 +67,13 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--allow-downloads", is_flag=True,
               help="Fetch a hub id missing from the local cache (config, safetensors, tokenizer) and let the "
                    "Hugging Face libraries go online. Default: offline.")
+@task_option
+@finetune_options
 @format_option()
 def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_weights, prompt_tokens, new_tokens,
                 repeats, warmup, int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output,
-                resume, memory_cap, trust_remote_code, allow_pickle, allow_downloads, fmt):
+                resume, memory_cap, trust_remote_code, allow_pickle, allow_downloads, task, methods, lora_r,
+                lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
     """Load the model in each scheme, each in a fresh process, and measure memory, speed and quality beside
     the plan; then write the report into the output folder.
 
@@ -84,7 +88,16 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
       falconbench run -m falcon-7b --random-weights --device cuda --new-tokens 128
       falconbench run -m tiiuae/falcon-7b -d bf16,nf4 --format json
       falconbench run -m smollm2 -o reports/smol --resume
+      falconbench run --task finetune -m smollm2 --method lora,qlora,full --seq-len 128 --device cpu
     """
+    refuse_finetune_options(task, methods, seq_lens)
+    if task == "finetune":  # --repeats timed steps after --warmup untimed ones, --batch sequences per step
+        from .finetune import given_dtypes
+        from .run_finetune import run_finetune_command
+
+        model, batch = single_shape(models, batches, kv_dtype)
+        return run_finetune_command(model, given_dtypes(), device, repeats, warmup, batch, output, resume, methods,
+                                    lora_r, lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt)
     from ..api import run_benchmark
     from ..render import run as render
 
