@@ -44,7 +44,12 @@ class ModelSource:
     def config_sha256(self) -> str:
         """The SHA-256 of the config's contents (key order aside): `run` records it in each row's model_source, so
         `report` and `fit --calibrate` can tell the measured config from another of the same name."""
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        return config_digest(self.config)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """The SHA-256 of a config's contents, key order aside."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def read_config(path: Path) -> dict[str, Any]:
