@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .libraries import installed_version
-from .spec import ArchSpec, CacheLayout, Experts, LayerGroup, Linear, positive_int
+from .spec import ArchSpec, CacheLayout, Experts, LayerGroup, Linear, positive_int, with_warnings
 
 LAYOUT_FORMAT = 1  # bump when the JSON shape or the derivation changes: older files are then ignored
 ORIGIN = "transformers {version} meta-device layout"
@@ -84,14 +84,26 @@ def torch_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
-def layout_spec(config: dict[str, Any], name: str, source: str) -> ArchSpec | None:
-    """The exact layout of a config no falconbench reader knows: cached, else built (None without torch)."""
+def layout_spec(config: dict[str, Any], name: str, source: str, estimate_allowed: bool = False) -> ArchSpec | None:
+    """The exact layout of a config no falconbench reader knows: cached, else built on the meta device.
+
+    None without torch, or, when `estimate_allowed`, for a type the installed transformers does not know (the
+    caller then plans a labelled estimate); a config transformers cannot build is one ConfigError.
+    """
     cached = cached_layout(config, name)
     if cached is not None or not torch_available():
         return cached
+    if estimate_allowed and not transformers_knows(config.get("model_type")):
+        return None
     spec = spec_from_model(*build_meta_model(config, source), name)
     store_layout(config, spec)
     return spec
+
+
+def transformers_knows(model_type: Any) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 def build_meta_model(config: dict[str, Any], source: str):
@@ -121,14 +133,13 @@ def build_meta_model(config: dict[str, Any], source: str):
 
 
 def build_failure(model_type: Any, config: dict[str, Any], exc: Exception, source: str) -> str:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     version = installed_version("transformers")
     standard = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
     missing = [k for k in standard if not positive_int(config.get(k))]
     lacks = f"; config.json lacks {', '.join(missing)}" if missing else ""
-    if model_type not in CONFIG_MAPPING_NAMES:
+    if not transformers_knows(model_type):
         what = f"transformers {version} does not know model_type {model_type!r}"
     elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         what = f"model_type {model_type!r} has no causal-LM class in transformers {version}"
@@ -162,7 +173,7 @@ def spec_from_model(model, hf_config, name: str) -> ArchSpec:
             continue
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
-        if module_name in quantized:
+        if module_name in quantized and own:
             target = per_layer[index]["linears"] if index is not None else outside["extra"]
             relative = module_name if index is None else module_name.split(".", prefix.count(".") + 2)[-1]
             target.append(Linear(relative, module.in_features, module.out_features, module.bias is not None))
@@ -172,17 +183,31 @@ def spec_from_model(model, hf_config, name: str) -> ArchSpec:
             if index is None:
                 key = "fp32" if fp32(full) else ("after" if seen_layers else "before")
                 outside[key] += param.numel()
+                if key == "fp32":
+                    outside["after" if seen_layers else "before"] += param.numel()
             elif param.dim() >= 3 and not is_convolution(module):
                 add_expert(per_layer[index]["experts"], module_name.split(".", prefix.count(".") + 2)[-1],
                            param_name, param, own)
             elif not is_expert_bias(param_name, own):
                 per_layer[index]["fp32_params" if fp32(full) else "float_params"] += param.numel()
-    if outside["fp32"]:
-        raise ConfigError(f"{name}: parameters outside the decoder layers stay float32, which falconbench cannot "
-                          "plan yet")
-    caches = [layer_caches(text, layer, kind, kwargs) for layer, kind, kwargs in
-              zip(layers, padded(layer_types, len(layers)), padded(layer_kwargs, len(layers)))]
-    return assemble_spec(name, model, text, per_layer, caches, outside, head if head_is_linear and not tied else None)
+    configs = config_field(text, "per_layer_config") or [text] * len(layers)
+    caches = [layer_caches(config, layer, kind, kwargs) for config, layer, kind, kwargs in
+              zip(padded(configs, len(layers)), layers, padded(layer_types, len(layers)),
+                  padded(layer_kwargs, len(layers)))]
+    spec = assemble_spec(name, text, per_layer, caches, outside, head if head_is_linear and not tied else None)
+    if outside["fp32"]:  # ArchSpec keeps float32 parameters per layer group only
+        spec = replace(with_warnings(spec, f"{outside['fp32']:,} parameters outside the decoder layers stay float32 "
+                                     "and are planned at the scheme's float width"), exactness="estimate")
+    return spec
+
+
+def config_field(config, name: str, default: Any = None) -> Any:
+    """A config attribute, or `default` (per-layer configs refuse to give a global value of a per-layer field)."""
+    try:
+        value = getattr(config, name, default)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError and the like
+        return default
+    return default if value is None else value
 
 
 def padded(items: list, length: int) -> list:
@@ -219,6 +244,7 @@ def quantized_modules(model) -> set[str]:
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import get_keys_to_not_convert
 
+    quiet_import("bitsandbytes")
     head = model.get_output_embeddings()
     skipped = get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])
     before = {name: m for name, m in model.named_modules()}
@@ -226,6 +252,20 @@ def quantized_modules(model) -> set[str]:
                             quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     replaced = {name for name, m in model.named_modules() if before.get(name) is not m}
     return replaced | {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def quiet_import(module: str) -> None:
+    """Import `module` with its log warnings silenced (bitsandbytes' CPU backend logs a missing optional kernel)."""
+    import importlib
+    import logging
+
+    logger = logging.getLogger(module)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module(module)
+    finally:
+        logger.setLevel(level)
 
 
 def fp32_matcher(model):
@@ -266,15 +306,15 @@ def is_expert_bias(param_name: str, own) -> bool:
     return weight is not None and weight.dim() >= 3 and shapes[param_name].dim() == 2
 
 
-def layer_caches(text, layer, layer_type: str | None, kwargs: dict | None) -> tuple[CacheLayout, ...]:
-    """What one decoder layer caches, by transformers' layer type and the layer's own modules."""
+def layer_caches(config, layer, layer_type: str | None, kwargs: dict | None) -> tuple[CacheLayout, ...]:
+    """What one decoder layer caches, by transformers' layer type, the layer's config and its own modules."""
     caches = []
     if layer_type in ATTENTION_KINDS:
         kind = ATTENTION_KINDS[layer_type]
-        key_width, value_width = attention_widths(text, layer)
+        key_width, value_width = attention_widths(config, layer)
         window = (kwargs or {}).get("sliding_window") if kind == "sliding_attention" else None
-        caches.append(CacheLayout(kind if getattr(text, "kv_lora_rank", None) is None else "mla", key_width,
-                                  value_width, window))
+        caches.append(CacheLayout("mla" if config_field(config, "kv_lora_rank") and kind == "full_attention"
+                                  else kind, key_width, value_width, window))
     if layer_type in RECURRENT_TYPES:
         caches.append(recurrent_layout(layer))
     return tuple(caches)
@@ -282,18 +322,19 @@ def layer_caches(text, layer, layer_type: str | None, kwargs: dict | None) -> tu
 
 def attention_widths(text, layer) -> tuple[int, int]:
     """Elements per token of the cached keys and values of one layer."""
-    if getattr(text, "kv_lora_rank", None):  # MLA caches the latent and the rotary key (see FACTS, DeepSeek)
+    if config_field(text, "kv_lora_rank"):  # MLA caches the latent and the rotary key (see FACTS, DeepSeek)
         return text.kv_lora_rank, text.qk_rope_head_dim
     for module in layer.modules():
         k, v = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
         if hasattr(k, "out_features") and hasattr(v, "out_features"):
             return k.out_features, v.out_features
     for module in layer.modules():
-        heads = getattr(module, "num_key_value_heads", None) or getattr(module, "num_kv_heads", None)
+        heads = next((getattr(module, k) for k in ("num_key_value_heads", "num_kv_heads", "kv_heads")
+                      if positive_int(getattr(module, k, None))), None)
         if positive_int(heads) and positive_int(getattr(module, "head_dim", None)):
             return heads * module.head_dim, heads * module.head_dim
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads = config_field(text, "num_key_value_heads") or config_field(text, "num_attention_heads", 1)
+    head_dim = config_field(text, "head_dim") or text.hidden_size // config_field(text, "num_attention_heads", 1)
     return heads * head_dim, heads * head_dim
 
 
@@ -308,21 +349,27 @@ def recurrent_layout(layer) -> CacheLayout:
         a_log = getattr(module, "A_log", None)
         if a_log is not None and a_log.dim() == 2:
             state = a_log.numel()
-        elif a_log is not None and all(positive_int(getattr(module, k, None))
-                                       for k in ("num_heads", "head_dim", "ssm_state_size")):
-            state = module.num_heads * module.head_dim * module.ssm_state_size
+        for shape in (("num_heads", "head_dim", "ssm_state_size"), ("num_v_heads", "head_k_dim", "head_v_dim")):
+            if a_log is not None and all(positive_int(getattr(module, k, None)) for k in shape):
+                state = module_product(module, shape)
     return CacheLayout("recurrent", conv_elements=conv, state_elements=state)
 
 
-def assemble_spec(name, model, text, per_layer, caches, outside, head) -> ArchSpec:
+def module_product(module, names: tuple[str, ...]) -> int:
+    product = 1
+    for name in names:
+        product *= getattr(module, name)
+    return product
+
+
+def assemble_spec(name, text, per_layer, caches, outside, head) -> ArchSpec:
     groups: dict[tuple, int] = {}
     for layer, cache in zip(per_layer, caches):
         experts = tuple(Experts(module, count, tuple(linears)) for module, (count, linears) in layer["experts"].items())
         key = (tuple(layer["linears"]), layer["float_params"], cache, experts, layer["fp32_params"])
         groups[key] = groups.get(key, 0) + 1
-    heads = getattr(text, "num_attention_heads", None) or 1
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    version = installed_version("transformers")
+    heads = config_field(text, "num_attention_heads", 1)
+    kv_heads = config_field(text, "num_key_value_heads", heads)
     exact = all(c.kind != "recurrent" or c.state_elements for cs in caches for c in cs)
     return ArchSpec(
         name=name, model_type=text.model_type, hidden_size=text.hidden_size, num_heads=heads,
@@ -330,9 +377,10 @@ def assemble_spec(name, model, text, per_layer, caches, outside, head) -> ArchSp
         groups=tuple(LayerGroup(n, lin, fl, ca, ex, fp) for (lin, fl, ca, ex, fp), n in groups.items()),
         embedding_params=outside["before"], final_norm_params=outside["after"],
         lm_head=Linear("lm_head", head.in_features, head.out_features, head.bias is not None) if head else None,
-        intermediate_size=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
-        extra_linears=tuple(outside["extra"]), num_kv_heads=kv_heads if positive_int(kv_heads)
-        and heads % kv_heads == 0 else 0, head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        max_positions=getattr(text, "max_position_embeddings", None), exactness="exact" if exact else "estimate",
-        origin=ORIGIN.format(version=version),
+        intermediate_size=config_field(text, "intermediate_size") or 4 * text.hidden_size,
+        extra_linears=tuple(outside["extra"]),
+        num_kv_heads=kv_heads if positive_int(kv_heads) and positive_int(heads) and heads % kv_heads == 0 else 0,
+        head_dim=config_field(text, "head_dim") or text.hidden_size // heads,
+        max_positions=config_field(text, "max_position_embeddings"), exactness="exact" if exact else "estimate",
+        origin=ORIGIN.format(version=installed_version("transformers")),
     )

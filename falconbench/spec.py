@@ -309,8 +309,14 @@ def spec_from_config(config: dict[str, Any], name: str = "model", source: str | 
     fields = Fields(config, source, model_type)
     if reader is not None:
         return reader(fields, name, model_type)
+    from .layout import layout_spec
+
     standard = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
-    if all(positive_int(config.get(k)) for k in standard):
+    has_standard = all(positive_int(config.get(k)) for k in standard)
+    laid_out = layout_spec(config, name, source, estimate_allowed=has_standard)
+    if laid_out is not None:
+        return laid_out
+    if has_standard:
         return llama_shaped_estimate(fields, name, model_type)
     missing = [k for k in standard if not positive_int(config.get(k))]
     raise ConfigError(

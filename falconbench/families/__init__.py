@@ -20,8 +20,12 @@ SUPPORTED_MODEL_TYPES = tuple(sorted(READERS))
 def llama_shaped_estimate(fields: Fields, name: str, model_type: str) -> ArchSpec:
     """An unknown type with the standard fields, planned as a Llama-style decoder and labelled an estimate."""
     spec = decoders.llama(fields, name, model_type or "unknown")
+    from ..layout import torch_available
+
+    hint = ("the installed transformers does not know this type either (a model with remote code?)"
+            if torch_available() else "Install torch and transformers (pip install 'falconbench[run]') to lay it "
+            "out exactly from transformers' own modules")
     warning = (f"model_type {model_type or '(none)'!r} has no falconbench reader: weights and KV cache are an "
-               "ESTIMATE (a Llama-shaped decoder). Install torch and transformers (pip install 'falconbench[run]') "
-               "to lay it out exactly from transformers' own modules")
+               f"ESTIMATE (a Llama-shaped decoder). {hint}")
     return with_warnings(spec.__class__(**{**spec.__dict__, "exactness": "estimate",
                                            "origin": "Llama-shaped estimate"}), warning)

@@ -59,27 +59,56 @@ def weights_bytes(model: Any) -> int:
     return tensor_bytes(model_tensors(model))
 
 
-def cache_tensors(cache: Any) -> Iterator[Any]:
-    """Key and value tensors of a transformers cache: `layers[i].keys/values` (transformers ≥ 4.56), or the
-    older `key_cache`/`value_cache` lists, or a legacy tuple of (key, value) pairs."""
+def cache_layers(cache: Any) -> list[Any]:
+    """The per-layer objects of a transformers cache (`cache.layers`; an encoder-decoder cache's self-attention
+    and cross-attention layers; the older `key_cache`/`value_cache` lists; a legacy tuple of (key, value) pairs)."""
+    if hasattr(cache, "self_attention_cache"):
+        return cache_layers(cache.self_attention_cache) + cache_layers(cache.cross_attention_cache)
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        for layer in layers:
-            yield getattr(layer, "keys", None)
-            yield getattr(layer, "values", None)
-    elif hasattr(cache, "key_cache"):
-        yield from cache.key_cache
-        yield from cache.value_cache
-    else:
-        for pair in cache:
-            yield from pair
+        return list(layers)
+    if hasattr(cache, "key_cache"):
+        return [list(pair) for pair in zip(cache.key_cache, cache.value_cache)]
+    return [list(pair) for pair in cache]
+
+
+def layer_tensors(layer: Any) -> Iterator[Any]:
+    """Every tensor one cache layer holds: keys and values, a sliding layer's int64 window scalar, a linear-attention
+    layer's `conv_states` and `recurrent_states` dicts, an indexed layer's indexer keys, whatever else it keeps."""
+    if isinstance(layer, (list, tuple)):
+        yield from layer
+        return
+    for value in vars(layer).values():
+        if isinstance(value, dict):
+            yield from value.values()
+        elif hasattr(value, "untyped_storage"):
+            yield value
+
+
+def cache_tensors(cache: Any) -> Iterator[Any]:
+    """Every tensor of every layer of a transformers cache."""
+    for layer in cache_layers(cache):
+        yield from layer_tensors(layer)
+
+
+def cache_output(output: Any) -> Any:
+    """The cache a model's forward returned: `past_key_values`, or `cache` (recurrent models)."""
+    for name in ("past_key_values", "cache"):
+        cache = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if cache is not None:
+            return cache
+    raise ValueError("the model's output holds no cache (was use_cache=True?)")
 
 
 def kv_cache_bytes(cache: Any) -> int:
-    """Exact bytes of the K,V tensors the cache holds."""
-    return tensor_bytes(t for t in cache_tensors(cache) if t is not None and t.numel())
+    """Exact bytes of every tensor the cache holds (K,V, window counters, convolution and recurrent states)."""
+    return tensor_bytes(t for t in cache_tensors(cache) if t is not None and hasattr(t, "numel") and t.numel())
 
 
 def cached_tokens(cache: Any) -> int:
-    """Sequence length held by the cache."""
-    return int(cache.get_seq_length())
+    """Sequence length held by the cache's attention layers (0 for a cache of recurrent states only, which
+    transformers refuses to give a length)."""
+    try:
+        return int(cache.get_seq_length())
+    except ValueError:
+        return 0

@@ -1,0 +1,223 @@
+"""The oracle over the installed transformers' causal-LM catalog, shared by tests/test_catalog.py and
+benchmarks/catalog_coverage.py.
+
+For one model type: build its default config on the meta device and count, from the modules themselves, the
+parameters and their bytes in bf16, int8 and nf4 (what transformers' bitsandbytes integration replaces, by its own
+`replace_with_bnb_linear`); then shrink the config (few layers, small widths, the same layer types and a small
+window), run a real prefill longer than the window and one decode step on CPU, and read the cache object's bytes.
+Each figure is compared with the planner's, from the hand-written reader if one covers the type and from the
+general path (`falconbench.layout`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from falconbench import layout
+from falconbench.families import READERS
+from falconbench.planner import kv_cache_bytes, quantized_params, weights_bytes
+from falconbench.run import footprint
+from falconbench.schemes import FP32, get_scheme
+from falconbench.spec import spec_from_config
+
+transformers.logging.set_verbosity_error()
+SCHEMES = ("bf16", "int8", "nf4")
+PROMPT_TOKENS = 12  # longer than the shrunken window
+WINDOW = 8
+SMALL_LAYERS = 2  # at least; more when the layer types need more to all appear
+# Widths of the shrunken copy, each set only where the default config has the field. Chosen so widths stay
+# consistent: hidden = heads × head_dim, Mamba-2's heads × head = expand × hidden.
+SMALL = {
+    "hidden_size": 64, "d_model": 64, "n_embd": 64, "n_embed": 64, "intermediate_size": 128, "ffn_hidden_size": 128,
+    "n_inner": 128, "ffn_dim": 128, "num_attention_heads": 4, "n_head": 4, "n_heads": 4,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 16, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "kv_lora_rank": 16,
+    "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "vocab_size": 512,
+    "state_size": 8, "ssm_state_size": 8, "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_d_head": 32,
+    "mamba_d_ssm": 128, "time_step_rank": 4, "max_position_embeddings": 256, "rotary_dim": 8,
+}
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+@dataclass
+class Verdict:
+    """What the oracle found for one model type: None where equal, else the reason."""
+
+    model_type: str
+    builds: str | None = None  # why the default config does not build on the meta device
+    weights: str | None = None
+    kv: str | None = None
+    reader: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return self.builds is None and self.weights is None and self.kv is None
+
+
+def catalog() -> list[str]:
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def quiet(call):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return call()
+
+
+def meta_model(config):
+    with torch.device("meta"):
+        model = quiet(lambda: transformers.AutoModelForCausalLM.from_config(config))
+    model.tie_weights()  # not applied for you on the meta device
+    return model
+
+
+def reference_bytes(model, scheme, bnb_names: set[str], fp32) -> int:
+    """Bytes of every parameter of a model that went through replace_with_bnb_linear: bitsandbytes layers' weights
+    in the scheme's storage, `_keep_in_fp32_modules_strict` in float32, the rest at the scheme's float width."""
+    total, seen = 0, set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{param_name}"
+            if scheme.quantized and module_name in bnb_names and param_name == "weight":
+                total += scheme.linear_weight_bytes(module.in_features, module.out_features)
+            elif fp32(full):
+                total += param.numel() * FP32
+            else:
+                total += param.numel() * scheme.float_bytes
+    return total
+
+
+def check_weights(specs: dict, model) -> str | None:
+    """Every spec against the module tree, after transformers' own bitsandbytes replacement."""
+    import bitsandbytes as bnb
+
+    params = sum(p.numel() for p in model.parameters())
+    fp32 = layout.fp32_matcher(model)
+    layout.quantized_modules(model)  # applies replace_with_bnb_linear to the meta model
+    head = model.get_output_embeddings()
+    bnb_names = {n for n, m in model.named_modules()
+                 if isinstance(m, bnb.nn.Linear8bitLt) or (isinstance(m, torch.nn.Linear) and m is not head)}
+    weights = sum(m.in_features * m.out_features for n, m in model.named_modules() if n in bnb_names)
+    for origin, spec in specs.items():
+        if spec.param_count != params:
+            return f"{origin}: {spec.param_count:,} parameters planned, {params:,} built"
+        for name in SCHEMES:
+            scheme = get_scheme(name)
+            expected = reference_bytes(model, scheme, bnb_names, fp32)
+            if weights_bytes(spec, scheme) != expected:
+                return f"{origin}: {name} weights {weights_bytes(spec, scheme):,} B planned, {expected:,} B built"
+            if quantized_params(spec, scheme) != (weights if scheme.quantized else 0):
+                return f"{origin}: {name} quantized parameters differ"
+    return None
+
+
+def default_config(model_type: str):
+    return quiet(lambda: transformers.AutoConfig.for_model(model_type))
+
+
+def small_config(model_type: str):
+    """The default config with few layers, small widths, the same layer types and a window of WINDOW tokens."""
+    default = default_config(model_type)
+    text = default.get_text_config(decoder=True)
+    data = {k: v for k, v in text.to_dict().items()}
+    for key, value in SMALL.items():
+        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
+            data[key] = value
+    if isinstance(data.get("qk_rope_head_dim"), int) and "head_dim" in data:
+        data["head_dim"] = data["qk_rope_head_dim"]  # MLA's rotary part is its head_dim
+    types = getattr(text, "layer_types", None)
+    layers = SMALL_LAYERS
+    if types:
+        layers = max(layers, max(types.index(kind) for kind in set(types)) + 1)
+    default_layers = next((data[k] for k in LAYER_FIELDS if isinstance(data.get(k), int)), None)
+    for key, value in list(data.items()):
+        if isinstance(value, list) and len(value) == default_layers and default_layers > layers:
+            data[key] = value[:layers]  # per-layer lists: layer_types, mlp_layer_types, ...
+    if data.get("is_decoder") is False:
+        data["is_decoder"] = True  # encoder families cache only as decoders, as their causal-LM class requires
+    if "num_experts_per_tok" in data and data["num_experts_per_tok"] is None:
+        data["num_experts_per_tok"] = SMALL["num_experts_per_tok"]
+    for key in LAYER_FIELDS:
+        if isinstance(data.get(key), int):
+            data[key] = layers
+    for key in ("sliding_window", "attention_chunk_size"):
+        if isinstance(data.get(key), int):
+            data[key] = WINDOW
+    for key, value in list(data.items()):
+        if key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= SMALL["vocab_size"]:
+            data[key] = SMALL["vocab_size"] - 1
+    data.pop("model_type", None)
+    return quiet(lambda: transformers.AutoConfig.for_model(text.model_type, **data))
+
+
+def measured_cache_bytes(config) -> tuple[int, int, object]:
+    """Bytes the cache object holds after a bf16 prefill of PROMPT_TOKENS and after one decode step, and the
+    model that held it."""
+    torch.manual_seed(0)
+    model = quiet(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)).eval()
+    ids = torch.randint(0, min(config.get_text_config(decoder=True).vocab_size, 256), (1, PROMPT_TOKENS))
+    with torch.no_grad():
+        out = quiet(lambda: model(input_ids=ids, use_cache=True))
+        cache = footprint.cache_output(out)
+        prefill = footprint.kv_cache_bytes(cache)
+        out = quiet(lambda: model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True))
+        decode = footprint.kv_cache_bytes(footprint.cache_output(out))
+    return prefill, decode, model
+
+
+def planned_cache_bytes(spec, context: int) -> int:
+    return kv_cache_bytes(spec, context, 1, kv_bytes=2, state_bytes=2)
+
+
+def specs_of(model_type: str, config, model) -> dict:
+    """The general path's spec (from `model`, which it then leaves bitsandbytes-replaced) and the reader's."""
+    specs = {"general path": layout.spec_from_model(model, config, model_type)}
+    if model_type in READERS:
+        specs["reader"] = spec_from_config({**config.to_dict(), "model_type": model_type}, model_type)
+    return specs
+
+
+def check_kv(model_type: str) -> str | None:
+    try:
+        config = small_config(model_type)
+        prefill, decode, model = measured_cache_bytes(config)
+    except Exception as exc:  # noqa: BLE001 - recorded as the reason, listed by the coverage script
+        return f"the shrunken copy does not run ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})"
+    specs = specs_of(model_type, config, model)  # the layout is the same on the CPU as on the meta device
+    for origin, spec in specs.items():
+        planned = (planned_cache_bytes(spec, PROMPT_TOKENS), planned_cache_bytes(spec, PROMPT_TOKENS + 1))
+        # NOTE: a sliding layer's keys after prefill are a view of the whole prompt's tensor, whose storage stays
+        # held until the first decode step; from then on it holds the window the plan counts.
+        held = (decode,) if spec.sliding_window else (prefill, decode)
+        planned = planned[1:] if spec.sliding_window else planned
+        if planned != held:
+            steps = "decode" if spec.sliding_window else "prefill / decode"
+            return (f"{origin}: cache {' / '.join(f'{b:,}' for b in planned)} B planned after {steps}, "
+                    f"{' / '.join(f'{b:,}' for b in held)} B held")
+    return None
+
+
+def verdict(model_type: str) -> Verdict:
+    result = Verdict(model_type, reader=model_type in READERS)
+    try:
+        config = default_config(model_type)
+        model = meta_model(config)
+    except Exception as exc:  # noqa: BLE001
+        result.builds = f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
+        return result
+    specs = specs_of(model_type, config, model)
+    general = specs["general path"]
+    if layout.spec_from_dict(asdict(general)) != general:
+        result.weights = "the cached JSON layout differs from the derived one"
+    result.weights = result.weights or check_weights(specs, model)
+    result.kv = check_kv(model_type)
+    return result
