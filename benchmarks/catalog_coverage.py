@@ -41,8 +41,9 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s)")
     for verdict in verdicts:
         if not verdict.exact:
-            line = f"{verdict.model_type}: {reason(verdict)}"
-            print(f"- `{verdict.model_type}`: {reason(verdict)}" if args.markdown else line)
+            label = f" [labelled {verdict.labelled}]" if verdict.wrong("general path") else ""
+            line = f"{verdict.model_type}: {reason(verdict)}{label}"
+            print(f"- `{line.replace(':', '`:', 1)}" if args.markdown else line)
 
 
 if __name__ == "__main__":

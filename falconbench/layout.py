@@ -95,7 +95,14 @@ def layout_spec(config: dict[str, Any], name: str, source: str, estimate_allowed
         return cached
     if estimate_allowed and not transformers_knows(config.get("model_type")):
         return None
-    spec = spec_from_model(*build_meta_model(config, source), name)
+    model, hf = build_meta_model(config, source)
+    try:
+        spec = spec_from_model(model, hf, name)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a module tree this reading does not understand: one line, no traceback
+        raise ConfigError(f"{source}: falconbench cannot lay out model_type {config.get('model_type')!r} from "
+                          f"transformers' modules ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
     store_layout(config, spec)
     return spec
 
@@ -195,10 +202,29 @@ def spec_from_model(model, hf_config, name: str) -> ArchSpec:
               zip(padded(configs, len(layers)), layers, padded(layer_types, len(layers)),
                   padded(layer_kwargs, len(layers)))]
     spec = assemble_spec(name, text, per_layer, caches, outside, head if head_is_linear and not tied else None)
-    if outside["fp32"]:  # ArchSpec keeps float32 parameters per layer group only
-        spec = replace(with_warnings(spec, f"{outside['fp32']:,} parameters outside the decoder layers stay float32 "
-                                     "and are planned at the scheme's float width"), exactness="estimate")
+    doubts = layout_doubts(spec, model, outside["fp32"], layer_types, layer_kwargs)
+    if doubts:
+        spec = replace(with_warnings(spec, f"{spec.model_type}: weights and KV cache are an ESTIMATE: "
+                                     f"{'; '.join(doubts)}"), exactness="estimate")
     return spec
+
+
+def layout_doubts(spec: ArchSpec, model, fp32_outside: int, layer_types, layer_kwargs) -> list[str]:
+    """What this reading of the modules cannot vouch for: then the layout is labelled an estimate, never exact."""
+    doubts = []
+    built = sum(p.numel() for p in model.parameters())
+    if spec.param_count != built:
+        doubts.append(f"{spec.param_count:,} parameters placed of the {built:,} transformers builds")
+    if fp32_outside:  # ArchSpec keeps float32 parameters per layer group only
+        doubts.append(f"{fp32_outside:,} float32 parameters outside the decoder layers planned at the float width")
+    unknown = sorted(set(layer_types) - set(ATTENTION_KINDS) - set(RECURRENT_TYPES) - {"dummy"})
+    if unknown:
+        doubts.append(f"cache layer types not modelled: {', '.join(unknown)}")
+    if any((kwargs or {}).get("number_of_states", 1) != 1 for kwargs in layer_kwargs):
+        doubts.append("layers with several recurrent states")
+    if any(c.kind == "recurrent" and not c.state_elements for _, c in spec.caches):
+        doubts.append("a recurrent state whose shape its modules do not give")
+    return doubts
 
 
 def config_field(config, name: str, default: Any = None) -> Any:
@@ -312,6 +338,8 @@ def layer_caches(config, layer, layer_type: str | None, kwargs: dict | None) -> 
     if layer_type in ATTENTION_KINDS:
         kind = ATTENTION_KINDS[layer_type]
         key_width, value_width = attention_widths(config, layer)
+        if layer_type == "indexed_attention":  # DynamicIndexedLayer also caches the indexer's keys, one head
+            key_width += config_field(config, "index_head_dim", 0)
         window = (kwargs or {}).get("sliding_window") if kind == "sliding_attention" else None
         caches.append(CacheLayout("mla" if config_field(config, "kv_lora_rank") and kind == "full_attention"
                                   else kind, key_width, value_width, window))
@@ -370,7 +398,6 @@ def assemble_spec(name, text, per_layer, caches, outside, head) -> ArchSpec:
         groups[key] = groups.get(key, 0) + 1
     heads = config_field(text, "num_attention_heads", 1)
     kv_heads = config_field(text, "num_key_value_heads", heads)
-    exact = all(c.kind != "recurrent" or c.state_elements for cs in caches for c in cs)
     return ArchSpec(
         name=name, model_type=text.model_type, hidden_size=text.hidden_size, num_heads=heads,
         vocab_size=text.vocab_size,
@@ -381,6 +408,6 @@ def assemble_spec(name, text, per_layer, caches, outside, head) -> ArchSpec:
         extra_linears=tuple(outside["extra"]),
         num_kv_heads=kv_heads if positive_int(kv_heads) and positive_int(heads) and heads % kv_heads == 0 else 0,
         head_dim=config_field(text, "head_dim") or text.hidden_size // heads,
-        max_positions=config_field(text, "max_position_embeddings"), exactness="exact" if exact else "estimate",
+        max_positions=config_field(text, "max_position_embeddings"),
         origin=ORIGIN.format(version=installed_version("transformers")),
     )

@@ -30,23 +30,32 @@ def layout_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FALCONBENCH_CACHE", str(tmp_path / "cache"))
 
 
+# A regression floor for the figure the README states (benchmarks/catalog_coverage.py prints it).
+EXACT_AT_LEAST = 140
+
+
 @pytest.mark.parametrize("model_type", oracle.catalog())
-def test_catalog_type_is_planned_exactly(model_type):
-    verdict = oracle.verdict(model_type)
+def test_catalog_type_is_exact_or_labelled_an_estimate(model_type):
+    """A hand-written reader is always exact; the general path is exact, or says it is an estimate wherever the
+    oracle finds its numbers differ. Types whose shrunken copy does not run have their weights checked only."""
+    verdict = oracle.cached_verdict(model_type)
     if verdict.builds:
         pytest.skip(f"the default config does not build on the meta device: {verdict.builds}")
-    expected = oracle.NOT_EXACT.get(model_type)
-    if expected is None:
-        assert verdict.exact, verdict
-    else:
-        assert not verdict.exact and expected in (verdict.weights or "") + (verdict.kv or ""), verdict
+    assert not verdict.wrong("reader"), verdict
+    if verdict.wrong("general path"):
+        assert verdict.labelled == "estimate", verdict
+
+
+def test_catalog_coverage_does_not_fall():
+    verdicts = [oracle.cached_verdict(t) for t in oracle.catalog()]
+    assert sum(v.exact for v in verdicts) >= EXACT_AT_LEAST
+    assert all(v.exact for v in verdicts if v.reader and not v.builds and "does not run" not in (v.kv or ""))
 
 
 def test_the_catalog_is_the_installed_one():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    assert oracle.catalog() == sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    assert set(oracle.NOT_EXACT) <= set(oracle.catalog())
+    assert oracle.catalog() == sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) and len(oracle.catalog()) > 100
 
 
 def config_folder(tmp_path, model_type, **changes):
@@ -92,10 +101,9 @@ def test_a_type_transformers_does_not_know_is_one_line_naming_it_and_the_missing
 
 def test_a_config_transformers_cannot_build_is_one_line_naming_the_type():
     with pytest.raises(ConfigError) as error:
-        spec_from_config({"model_type": "cohere2", "hidden_size": 64, "num_attention_heads": 5,
-                          "num_hidden_layers": 2, "vocab_size": 10}, "x")
+        spec_from_config({"model_type": "ministral", "hidden_size": 64, "num_hidden_layers": 2}, "x")
     message = str(error.value)
-    assert "cannot build model_type 'cohere2'" in message and "intermediate_size" in message
+    assert "cannot build model_type 'ministral'" in message and "num_attention_heads, vocab_size" in message
     assert "\n" not in message
 
 
