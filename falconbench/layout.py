@@ -164,49 +164,52 @@ def spec_from_model(model, hf_config, name: str) -> ArchSpec:
     text = hf_config.get_text_config(decoder=True)
     prefix, layers = decoder_layers(model, getattr(text, "num_hidden_layers", None))
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-    quantized = quantized_modules(model)
-    fp32 = fp32_matcher(model)
     head = model.get_output_embeddings()
-    head_param = getattr(head, "weight", None)
-    tied = head_param is not None and any(head_param is p for p in model.get_input_embeddings().parameters())
-    per_layer = [dict(linears=[], float_params=0, fp32_params=0, experts={}) for _ in layers]
-    outside = dict(before=0, after=0, extra=[], fp32=0)
-    seen_layers, seen = False, set()
-    head_is_linear = all(hasattr(head, a) for a in ("in_features", "out_features"))
-    for module_name, module in model.named_modules():
-        index = layer_index(module_name, prefix)
-        seen_layers |= index is not None
-        if module is head and head_is_linear and not tied:
-            continue
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for _, p in own)
-        if module_name in quantized and own:
-            target = per_layer[index]["linears"] if index is not None else outside["extra"]
-            relative = module_name if index is None else module_name.split(".", prefix.count(".") + 2)[-1]
-            target.append(Linear(relative, module.in_features, module.out_features, module.bias is not None))
-            continue
-        for param_name, param in own:
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if index is None:
-                key = "fp32" if fp32(full) else ("after" if seen_layers else "before")
-                outside[key] += param.numel()
-                if key == "fp32":
-                    outside["after" if seen_layers else "before"] += param.numel()
-            elif param.dim() >= 3 and not is_convolution(module):
-                add_expert(per_layer[index]["experts"], module_name.split(".", prefix.count(".") + 2)[-1],
-                           param_name, param, own)
-            elif not is_expert_bias(param_name, own):
-                per_layer[index]["fp32_params" if fp32(full) else "float_params"] += param.numel()
+    head_weight = getattr(head, "weight", None)
+    tied = head_weight is not None and any(head_weight is p for p in model.get_input_embeddings().parameters())
+    untied_head = head if all(hasattr(head, a) for a in ("in_features", "out_features")) and not tied else None
+    per_layer, outside = place_parameters(model, prefix, len(layers), untied_head)
     configs = config_field(text, "per_layer_config") or [text] * len(layers)
     caches = [layer_caches(config, layer, kind, kwargs) for config, layer, kind, kwargs in
               zip(padded(configs, len(layers)), layers, padded(layer_types, len(layers)),
                   padded(layer_kwargs, len(layers)))]
-    spec = assemble_spec(name, text, per_layer, caches, outside, head if head_is_linear and not tied else None)
+    spec = assemble_spec(name, text, per_layer, caches, outside, untied_head)
     doubts = layout_doubts(spec, model, outside["fp32"], layer_types, layer_kwargs)
     if doubts:
         spec = replace(with_warnings(spec, f"{spec.model_type}: weights and KV cache are an ESTIMATE: "
                                      f"{'; '.join(doubts)}"), exactness="estimate")
     return spec
+
+
+def place_parameters(model, prefix: str, num_layers: int, untied_head) -> tuple[list[dict], dict]:
+    """Each parameter once (tied ones at their first place), into its decoder layer or outside them: quantized
+    linears, fused experts, float32-kept and other floating-point parameters."""
+    quantized, fp32 = quantized_modules(model), fp32_matcher(model)
+    per_layer = [dict(linears=[], float_params=0, fp32_params=0, experts={}) for _ in range(num_layers)]
+    outside = dict(before=0, after=0, extra=[], fp32=0)
+    seen_layers, seen = False, set()
+    for module_name, module in model.named_modules():
+        index = layer_index(module_name, prefix)
+        seen_layers |= index is not None
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if module is untied_head or not own:
+            continue
+        relative = module_name if index is None else module_name.split(".", prefix.count(".") + 2)[-1]
+        if module_name in quantized:
+            target = outside["extra"] if index is None else per_layer[index]["linears"]
+            target.append(Linear(relative, module.in_features, module.out_features, module.bias is not None))
+            continue
+        for param_name, param in own:
+            keep_fp32 = fp32(f"{module_name}.{param_name}" if module_name else param_name)
+            if index is None:
+                outside["after" if seen_layers else "before"] += param.numel()
+                outside["fp32"] += param.numel() if keep_fp32 else 0
+            elif param.dim() >= 3 and not is_convolution(module):
+                add_expert(per_layer[index]["experts"], relative, param_name, param, own)
+            elif not is_expert_bias(param_name, own):
+                per_layer[index]["fp32_params" if keep_fp32 else "float_params"] += param.numel()
+    return per_layer, outside
 
 
 def layout_doubts(spec: ArchSpec, model, fp32_outside: int, layer_types, layer_kwargs) -> list[str]:
