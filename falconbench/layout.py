@@ -147,7 +147,7 @@ def build_failure(model_type: Any, config: dict[str, Any], exc: Exception, sourc
     missing = [k for k in standard if not positive_int(config.get(k))]
     lacks = f"; config.json lacks {', '.join(missing)}" if missing else ""
     if not transformers_knows(model_type):
-        what = f"transformers {version} does not know model_type {model_type!r}"
+        what = f"model_type {model_type!r} has no falconbench reader and transformers {version} does not know it"
     elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         what = f"model_type {model_type!r} has no causal-LM class in transformers {version}"
     else:
