@@ -46,7 +46,7 @@ SMALL = {
     "mamba_d_ssm": 128, "time_step_rank": 4, "max_position_embeddings": 256, "rotary_dim": 8,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4,
 }
-SMALL_PARAMS_LIMIT = 30_000_000  # a bigger shrunken copy (an untouched vision or audio tower) is not run on CPU
+SMALL_PARAMS_LIMIT = 120_000_000  # a bigger shrunken copy (an untouched vision or audio tower) is not run on CPU
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
@@ -92,46 +92,66 @@ def meta_model(config):
     return model
 
 
-def reference_bytes(model, scheme, bnb_names: set[str], fp32) -> int:
-    """Bytes of every parameter of a model that went through replace_with_bnb_linear: bitsandbytes layers' weights
-    in the scheme's storage, `_keep_in_fp32_modules_strict` in float32, the rest at the scheme's float width."""
-    total, seen = 0, set()
+def fp32_names(model):
+    """Whether a parameter stays float32 in a bf16 load: transformers' own dtype plan, matched as it matches it."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(torch.bfloat16)
+    pattern = build_glob_alternation(list(plan))[0] if plan else None
+    return lambda name: pattern is not None and pattern.search(name) is not None
+
+
+@dataclass
+class Reference:
+    """What transformers builds: parameters, bytes per scheme, and the weights bitsandbytes holds."""
+
+    params: int
+    bytes: dict
+    quantized_weights: int
+
+
+def reference_layout(model) -> Reference:
+    """Counted from the modules after transformers' own `replace_with_bnb_linear` (with its
+    `get_keys_to_not_convert`), plus the nn.Linear subclasses falconbench's loader quantizes: bitsandbytes layers'
+    weights in the scheme's storage, `_keep_in_fp32_modules_strict` in float32, the rest at the float width."""
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    params, fp32 = sum(p.numel() for p in model.parameters()), fp32_names(model)
+    replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model),
+                            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
+    head = model.get_output_embeddings()
+    bnb_names = {n for n, m in model.named_modules()
+                 if isinstance(m, bnb.nn.Linear8bitLt) or (isinstance(m, torch.nn.Linear) and m is not head)}
+    quantized = {id(m.weight): m.in_features * m.out_features for n, m in model.named_modules() if n in bnb_names}
+    totals, seen = dict.fromkeys(SCHEMES, 0), set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            full = f"{module_name}.{param_name}"
-            if scheme.quantized and module_name in bnb_names and param_name == "weight":
-                total += scheme.linear_weight_bytes(module.in_features, module.out_features)
-            elif fp32(full):
-                total += param.numel() * FP32
-            else:
-                total += param.numel() * scheme.float_bytes
-    return total
+            for name in SCHEMES:
+                scheme = get_scheme(name)
+                if scheme.quantized and module_name in bnb_names and param_name == "weight":
+                    totals[name] += scheme.linear_weight_bytes(module.in_features, module.out_features)
+                elif fp32(f"{module_name}.{param_name}"):
+                    totals[name] += param.numel() * FP32
+                else:
+                    totals[name] += param.numel() * scheme.float_bytes
+    return Reference(params, totals, sum(quantized.values()))  # a weight tied between layers is held once
 
 
-def check_weights(specs: dict, model) -> str | None:
-    """Every spec against the module tree, after transformers' own bitsandbytes replacement."""
-    import bitsandbytes as bnb
-
-    params = sum(p.numel() for p in model.parameters())
-    fp32 = layout.fp32_matcher(model)
-    layout.quantized_modules(model)  # applies replace_with_bnb_linear to the meta model
-    head = model.get_output_embeddings()
-    bnb_names = {n for n, m in model.named_modules()
-                 if isinstance(m, bnb.nn.Linear8bitLt) or (isinstance(m, torch.nn.Linear) and m is not head)}
-    quantized = {id(m.weight): m.in_features * m.out_features for n, m in model.named_modules() if n in bnb_names}
-    weights = sum(quantized.values())  # a weight tied between two layers is held once
+def check_weights(specs: dict, reference: Reference) -> str | None:
     for origin, spec in specs.items():
-        if spec.param_count != params:
-            return f"{origin}: {spec.param_count:,} parameters planned, {params:,} built"
+        if spec.param_count != reference.params:
+            return f"{origin}: {spec.param_count:,} parameters planned, {reference.params:,} built"
         for name in SCHEMES:
             scheme = get_scheme(name)
-            expected = reference_bytes(model, scheme, bnb_names, fp32)
-            if weights_bytes(spec, scheme) != expected:
-                return f"{origin}: {name} weights {weights_bytes(spec, scheme):,} B planned, {expected:,} B built"
-            if quantized_params(spec, scheme) != (weights if scheme.quantized else 0):
+            if weights_bytes(spec, scheme) != reference.bytes[name]:
+                return (f"{origin}: {name} weights {weights_bytes(spec, scheme):,} B planned, "
+                        f"{reference.bytes[name]:,} B built")
+            if quantized_params(spec, scheme) != (reference.quantized_weights if scheme.quantized else 0):
                 return f"{origin}: {name} quantized parameters differ"
     return None
 
@@ -233,6 +253,7 @@ def verdict(model_type: str) -> Verdict:
     except Exception as exc:  # noqa: BLE001
         result.builds = f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
         return result
+    reference = reference_layout(model)  # first: the general path then reads the model transformers converted
     try:
         specs = specs_of(model_type, config, model)
     except Exception as exc:  # noqa: BLE001
@@ -242,6 +263,6 @@ def verdict(model_type: str) -> Verdict:
     result.labelled = general.exactness
     if layout.spec_from_dict(asdict(general)) != general:
         result.weights = "the cached JSON layout differs from the derived one"
-    result.weights = result.weights or check_weights(specs, model)
+    result.weights = result.weights or check_weights(specs, reference)
     result.kv = check_kv(model_type)
     return result
