@@ -110,7 +110,7 @@ def layout_spec(config: dict[str, Any], name: str, source: str, estimate_allowed
 def transformers_knows(model_type: Any) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    return model_type in CONFIG_MAPPING_NAMES
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
 def build_meta_model(config: dict[str, Any], source: str):
@@ -143,6 +143,7 @@ def build_failure(model_type: Any, config: dict[str, Any], exc: Exception, sourc
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     version = installed_version("transformers")
+    model_type = model_type if isinstance(model_type, str) else repr(model_type)[:40]
     standard = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
     missing = [k for k in standard if not positive_int(config.get(k))]
     lacks = f"; config.json lacks {', '.join(missing)}" if missing else ""
