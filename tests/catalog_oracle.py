@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from falconbench import layout
+from falconbench import layout, layout_modules
 from falconbench.families import READERS
 from falconbench.planner import kv_cache_bytes, quantized_params, weights_bytes
 from falconbench.run import footprint
@@ -216,7 +216,7 @@ def planned_cache_bytes(spec, context: int) -> int:
 
 def specs_of(model_type: str, config, model) -> dict:
     """The general path's spec (from `model`, which it then leaves bitsandbytes-replaced) and the reader's."""
-    specs = {"general path": layout.spec_from_model(model, config, model_type)}
+    specs = {"general path": layout_modules.spec_from_model(model, config, model_type)}
     if model_type in READERS:
         specs["reader"] = spec_from_config({**config.to_dict(), "model_type": model_type}, model_type)
     return specs

@@ -20,7 +20,7 @@ pytest.importorskip("bitsandbytes")
 
 import catalog_oracle as oracle  # noqa: E402
 
-from falconbench import layout  # noqa: E402
+from falconbench import layout, layout_modules  # noqa: E402
 from falconbench.errors import ConfigError  # noqa: E402
 from falconbench.spec import SLIDING_LAYER_EXTRA_BYTES, spec_from_config  # noqa: E402
 
@@ -116,7 +116,7 @@ def test_an_unknown_type_with_the_standard_fields_stays_a_labelled_estimate():
 
 def test_fused_experts_are_found_and_stay_16_bit():
     config = oracle.small_config("qwen3_moe")
-    spec = layout.spec_from_model(oracle.meta_model(config), config, "qwen3_moe")
+    spec = layout_modules.spec_from_model(oracle.meta_model(config), config, "qwen3_moe")
     experts = [e for g in spec.groups for e in g.experts]
     assert experts and all(e.num_experts == 4 for e in experts)
     assert spec.experts_params == sum(p.numel() for n, p in oracle.meta_model(config).named_parameters()
@@ -128,7 +128,7 @@ def test_sliding_layers_hold_the_window_from_the_first_decode_step():
     storage is the window, which is what the plan counts (every layer of Mistral slides)."""
     config = oracle.small_config("mistral")
     prefill, decode, _ = oracle.measured_cache_bytes(config)
-    spec = layout.spec_from_model(oracle.meta_model(config), config, "mistral")
+    spec = layout_modules.spec_from_model(oracle.meta_model(config), config, "mistral")
     per_token = 2 * 2 * 2 * 16 * 2  # layers × (K and V) × KV heads × head_dim × bf16
     assert prefill == oracle.PROMPT_TOKENS * per_token + 2 * SLIDING_LAYER_EXTRA_BYTES
     assert decode == oracle.WINDOW * per_token + 2 * SLIDING_LAYER_EXTRA_BYTES
