@@ -95,60 +95,97 @@ def layer_weight_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, tuple[tuple
     return first, tuple((g.count, layer_bytes(g, scheme)) for g in spec.groups), last
 
 
-def split_items(footprint: Footprint, context: int, batch: int) -> list[int]:
-    """Bytes in the order accelerate places modules: embeddings, each decoder layer with its cache, the head.
+# A run of identical pieces placed one after another: (bytes of each, how many). The split works on runs, so its
+# time and memory do not grow with the layer count (a config may claim 10^12 layers): the layers of a group are
+# identical, so how many fill a card is a division, not a loop.
+Run = tuple[int, int]
+MAX_LISTED_CARDS = 1024  # a split over more cards lists each distinct card load once (FitRow.per_gpu_bytes)
 
-    Measured weights (a calibrated run) are spread over the pieces in proportion to the planned ones.
-    """
+
+def split_runs(footprint: Footprint, context: int, batch: int) -> list[Run]:
+    """Bytes in the order accelerate places modules: embeddings, each group's decoder layers with their cache, the
+    head. Measured weights (a calibrated run) are spread over the pieces in proportion to the planned ones."""
     spec, scheme = footprint.spec, footprint.scheme
     first, groups, last = layer_weight_bytes(spec, scheme)
     kv_width, state = kv_dtype_bytes("auto", scheme), compute_bytes(scheme)
-    weights = [first] + [layer for count, layer in groups for _ in range(count)] + [last]
-    caches = [0] + [sum(c.bytes(context, batch, kv_width, state) for c in g.caches)
-                    for g in spec.groups for _ in range(g.count)] + [0]
-    weights = rescale(weights, footprint.parts(context, batch)[0])
-    return [w + c for w, c in zip(weights, caches)]
+    caches = [sum(c.bytes(context, batch, kv_width, state) for c in g.caches) for g in spec.groups]
+    pieces = [(first, 1, 0)] + [(layer, count, cache) for (count, layer), cache in zip(groups, caches)] + [
+        (last, 1, 0)]
+    return [(weight + cache, count) for weight, count, cache in rescale(pieces, footprint.parts(context, batch)[0])]
 
 
-def rescale(pieces: Sequence[int], total: int) -> list[int]:
-    """`pieces` scaled to sum to `total` exactly (the rounding remainder goes to the largest piece)."""
-    planned = sum(pieces)
+def expand(runs: Sequence[Run]) -> list[int]:
+    """Every piece of `runs`, one by one (for small splits and tests)."""
+    return [size for size, count in runs for _ in range(count)]
+
+
+def rescale(pieces: Sequence[tuple[int, int, int]], total: int) -> list[tuple[int, int, int]]:
+    """Runs (weight bytes, count, cache bytes) with their weights scaled to sum to `total` exactly; the rounding
+    remainder goes to the first of the largest pieces, which becomes a run of its own."""
+    planned = sum(size * count for size, count, _ in pieces)
     if planned == total or planned == 0:
         return list(pieces)
-    scaled = [p * total // planned for p in pieces]
-    scaled[scaled.index(max(scaled))] += total - sum(scaled)
-    return scaled
+    scaled = [(size * total // planned, count, cache) for size, count, cache in pieces]
+    remainder = total - sum(size * count for size, count, _ in scaled)
+    index = max(range(len(scaled)), key=lambda i: (scaled[i][0] if scaled[i][1] else -1, -i))
+    size, count, cache = scaled[index]
+    rest = [(size, count - 1, cache)] if count > 1 else []
+    return scaled[:index] + [(size + remainder, 1, cache)] + rest + scaled[index + 1:]
 
 
-def pack(items: Sequence[int], per_card: int, capacity: int) -> list[int] | None:
-    """Fill cards in order, moving to the next when an item does not fit; each card's bytes, or None if an item
-    cannot fit any card. `per_card` is what every card carries besides its items (CUDA context, transients)."""
-    if any(per_card + item > capacity for item in items):
+def pack(runs: Sequence[Run], per_card: int, capacity: int) -> list[Run] | None:
+    """Fill cards in order, moving to the next when a piece does not fit; the cards' loads as runs (load, cards),
+    or None if a piece cannot fit any card. `per_card` is what every card carries besides its pieces (CUDA
+    context, transients). The last run always has one card: the one still being filled."""
+    if any(count and per_card + size > capacity for size, count in runs):
         return None
-    loads = [per_card]
-    for item in items:
-        if loads[-1] + item > capacity:
-            loads.append(per_card)
-        loads[-1] += item
+    loads: list[Run] = [(per_card, 1)]
+    for size, count in runs:
+        if not count:
+            continue
+        load = loads[-1][0]
+        here = count if size == 0 else min(count, (capacity - load) // size)  # what still fits the open card
+        loads[-1] = (load + here * size, 1)
+        count -= here
+        if count:
+            per_new = (capacity - per_card) // size  # at least 1: checked above
+            full, rest = divmod(count, per_new)
+            if rest == 0:  # the last full card stays open for the next pieces
+                full, rest = full - 1, per_new
+            if full:
+                loads.append((per_card + per_new * size, full))
+            loads.append((per_card + rest * size, 1))
     return loads
 
 
-def balanced_split(items: Sequence[int], per_card: int, capacity: int) -> list[int] | None:
-    """The fewest cards that hold `items` in order, and among those splits the one whose fullest card is emptiest.
+def card_count(loads: Sequence[Run]) -> int:
+    return sum(count for _, count in loads)
+
+
+def balanced_split(runs: Sequence[Run], per_card: int, capacity: int) -> list[Run] | None:
+    """The fewest cards that hold `runs` in order, and among those splits the one whose fullest card is emptiest.
 
     In-order greedy filling gives the fewest cards; lowering the capacity by binary search until that count
     would grow spreads the layers evenly, as `device_map="auto"` balances them over the cards it is given.
     """
-    greedy = pack(items, per_card, capacity)
+    greedy = pack(runs, per_card, capacity)
     if greedy is None:
         return None
-    cards = len(greedy)
-    low, high = per_card + max(items) - 1, capacity  # nothing fits at `low`; `cards` cards do at `high`
+    cards = card_count(greedy)
+    largest = max(size for size, count in runs if count)
+    low, high = per_card + largest - 1, capacity  # nothing fits at `low`; `cards` cards do at `high`
     while high - low > 1:
         mid = (low + high) // 2
-        loads = pack(items, per_card, mid)
-        low, high = (low, mid) if loads is not None and len(loads) <= cards else (mid, high)
-    return pack(items, per_card, high)
+        loads = pack(runs, per_card, mid)
+        low, high = (low, mid) if loads is not None and card_count(loads) <= cards else (mid, high)
+    return pack(runs, per_card, high)
+
+
+def listed_loads(loads: Sequence[Run]) -> tuple[int, ...]:
+    """Each card's bytes in order; over MAX_LISTED_CARDS cards, each distinct load once, in order."""
+    if card_count(loads) <= MAX_LISTED_CARDS:
+        return tuple(expand([run for run in loads if run[1]]))
+    return tuple(dict.fromkeys(load for load, count in loads if count))
 
 
 @dataclass(frozen=True)
@@ -175,7 +212,7 @@ class FitRow:
     position_limit: int | None
     max_context_beyond_positions: bool
     gpus_needed: int | None  # None when one piece (a layer or the embeddings) exceeds the card
-    per_gpu_bytes: tuple[int, ...]
+    per_gpu_bytes: tuple[int, ...]  # each card's bytes; over MAX_LISTED_CARDS cards, each distinct load once
     bf16_supported: bool
     dtype_supported: bool
     suggestion: str | None
@@ -213,8 +250,8 @@ def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: fl
     fits = fits_on(total, gpu, margin)
     max_context = largest_fitting(lambda c: fits_on(footprint.total(c, batch), gpu, margin))
     max_batch = largest_fitting(lambda b: fits_on(footprint.total(context, b), gpu, margin))
-    split = [total] if fits else balanced_split(split_items(footprint, context, batch), runtime,
-                                                usable_bytes(gpu, margin))
+    split = [(total, 1)] if fits else balanced_split(split_runs(footprint, context, batch), runtime,
+                                                     usable_bytes(gpu, margin))
     supported, suggestion = dtype_support(gpu, scheme)
     limit = spec.max_positions
     return FitRow(
@@ -224,7 +261,7 @@ def fit_row(footprint: Footprint, gpu: GPU, context: int, batch: int, margin: fl
         runtime_bytes=runtime, total_bytes=total, fits=fits, headroom_bytes=usable_bytes(gpu, margin) - total,
         max_context=max_context, max_batch=max_batch, position_limit=limit,
         max_context_beyond_positions=bool(limit and max_context > limit),
-        gpus_needed=len(split) if split else None, per_gpu_bytes=tuple(split or ()),
+        gpus_needed=card_count(split) if split else None, per_gpu_bytes=listed_loads(split or ()),
         bf16_supported=gpu.bf16, dtype_supported=supported, suggestion=suggestion,
         # Each decoded token reads every weight and the whole cache once; a pipeline split reads them card
         # after card, so one card's bandwidth bounds it just the same.

@@ -1,15 +1,18 @@
 """Run results: one row per configuration, appended to `results.jsonl` as each configuration finishes.
 
 A row is written as one whole line and flushed, so a crash never leaves half a row; a reader skips (and
-reports, by line number) anything that is not a valid row.
+reports, by line number) anything that is not a valid row: a line that is not JSON, too long or nested too deeply,
+a field of the wrong type, a schema it does not know, or settings that do not match the row's own hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import secrets
+import stat
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,7 +23,10 @@ from .errors import ResultsError
 Status = Literal["ok", "oom", "error", "interrupted", "skipped"]
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "interrupted", "skipped")
 RESULTS_FILE = "results.jsonl"
-SCHEMA_VERSION = 1
+# NOTE: 2 adds falconbench_version; rows of schema 1 read the same (the field is empty)
+SCHEMA_VERSION = 2
+KNOWN_SCHEMAS = (1, 2)
+MAX_LINE_BYTES = 2**20  # a row is a few KiB; a longer line is not one, and reading it whole could exhaust memory
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,16 @@ class RunResult:
     top1_agreement: float | None = None
     quality: dict[str, Any] = field(default_factory=dict)
     timestamp: str = ""
+    falconbench_version: str = ""  # of the falconbench that measured the row
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {self.status!r}")
+
+    def expected_hash(self) -> str:
+        """The configuration hash this row's own dtype and settings give (see settings_hash)."""
+        return settings_hash(self.dtype, self.settings)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +85,46 @@ class RunResult:
         """A row from its JSON form; unknown keys are ignored, missing required ones raise ValueError."""
         if not isinstance(data, dict):
             raise ValueError(f"a row must be a JSON object, not {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f.type for f in fields(cls)}
         missing = [k for k in ("model", "dtype", "status") if k not in data]
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for name, value in values.items():
+            check_field(name, known[name], value)
+        if values.get("schema", SCHEMA_VERSION) not in KNOWN_SCHEMAS:
+            raise ValueError(f"schema {values['schema']!r} is not one this falconbench reads "
+                             f"({', '.join(map(str, KNOWN_SCHEMAS))}); a newer falconbench wrote it?")
+        row = cls(**values)
+        if row.config_hash and row.config_hash != row.expected_hash():
+            raise ValueError(f"its {row.dtype} settings hash to {row.expected_hash()}, not to its config_hash "
+                             f"{row.config_hash}: the row was edited")
+        return row
+
+
+# What a field read from a file may hold, by its annotation: JSON numbers for the numeric ones (bool excluded).
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
+    "float | None": (int, float, type(None)), "dict[str, Any]": (dict,),
+}
+
+
+def check_field(name: str, annotation: str, value: Any) -> None:
+    """Refuse a value of the wrong JSON type for a row field (a hand-edited file may hold anything)."""
+    allowed = FIELD_TYPES[annotation]
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"{name} must be {annotation.replace(' | None', ' or null')}, not "
+                         f"{type(value).__name__}")
+
+
+def settings_hash(dtype: str, settings: dict[str, Any]) -> str:
+    """16 hex digits naming one configuration: the model's identity (settings["model_source"]), the dtype and
+    every other setting. `run` names each row by it, and a reader recomputes it, so an edited row is told apart."""
+    settings = as_mapping(settings)
+    others = {k: v for k, v in settings.items() if k != "model_source"}
+    payload = {"model": settings.get("model_source"), "dtype": dtype, "settings": others}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # Environment keys that may name the device a row was measured on, most specific first (`run` records "gpu" and
@@ -129,11 +175,13 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         while view:  # NOTE: os.write may write part of the row and fail only on the next call
             view = view[os.write(descriptor, view):]
         os.fsync(descriptor)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or an interrupt part-way: the file never keeps half a row
         if start is not None:
             with suppress(OSError):
                 os.ftruncate(descriptor, start)
-        raise results_write_error(path, exc) from None
+        if isinstance(exc, OSError):
+            raise results_write_error(path, exc) from None
+        raise
     finally:
         os.close(descriptor)
 
@@ -160,25 +208,53 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ResultsError(f"cannot read {path}: {exc.strerror or exc}. Pass a run folder or its "
-                           f"{RESULTS_FILE}") from None
     rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            if isinstance(data, dict) and data.get("task", "inference") != "inference":
-                continue  # a fine-tuning row (falconbench.train.sweep reads those)
-            rows.append(RunResult.from_dict(data))
-        except json.JSONDecodeError as exc:
-            problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}); truncated write?"))
-        except (TypeError, ValueError) as exc:
-            problems.append(ReadProblem(str(path), number, f"not a results row: {exc}"))
+    with open_regular(path, f"Pass a run folder or its {RESULTS_FILE}") as handle:
+        for number, line in enumerate(bounded_lines(handle), start=1):
+            if line is None:
+                problems.append(ReadProblem(str(path), number, f"longer than {MAX_LINE_BYTES // 2**20} MiB; not a "
+                                                                "results row"))
+            elif line.strip():
+                try:
+                    data = json.loads(line.rstrip(b"\r\n").decode("utf-8", errors="replace"))
+                    if isinstance(data, dict) and data.get("task", "inference") != "inference":
+                        continue  # a fine-tuning row (falconbench.train.sweep reads those)
+                    rows.append(RunResult.from_dict(data))
+                except json.JSONDecodeError as exc:
+                    problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}); truncated write?"))
+                except RecursionError:
+                    problems.append(ReadProblem(str(path), number, "not a results row: JSON nested too deeply"))
+                except (TypeError, ValueError) as exc:
+                    problems.append(ReadProblem(str(path), number, f"not a results row: {exc}"))
     return rows, problems
+
+
+def open_regular(path: Path, how_to_fix: str):
+    """`path` opened for binary reading, refused unless it is a regular file: a FIFO would block the reader and
+    a device such as /dev/zero never ends. O_NONBLOCK only keeps opening a FIFO from waiting for a writer."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ResultsError(f"cannot read {path}: {exc.strerror or exc}. {how_to_fix}") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ResultsError(f"{path} is not a regular file. {how_to_fix}")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def bounded_lines(handle, limit: int = MAX_LINE_BYTES):
+    """The lines of a binary file, each at most `limit` bytes; a longer line is skipped whole and yields None."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # the rest of the long line, read in bounded pieces
+            line = handle.readline(limit)
+        yield None
 
 
 def latest_rows(rows: list[RunResult]) -> list[RunResult]:
@@ -207,3 +283,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
         raise ResultsError(f"cannot write {path}: {exc.strerror or exc}. Free some space or choose another "
                            "folder") from None
+    except BaseException:  # an interrupt (SIGINT, SIGTERM) while writing: no temporary file left behind
+        temporary.unlink(missing_ok=True)
+        raise

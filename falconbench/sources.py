@@ -52,22 +52,56 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KiB; the largest seen (with tokenizer tables) under 1 MiB
+MAX_CONFIG_DIGITS = 40  # no count in a config has more digits (10^40 parameters); int() would take 4,300
+
+
+class OversizedInt(str):
+    """The digits of an integer too long to be a real config value, kept so its field can be named."""
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """Parse a config.json, with the path and position in the error when it is malformed."""
+    """Parse a config.json, with the path and position in the error when it is malformed; integers of more than
+    MAX_CONFIG_DIGITS digits and nesting too deep to parse are refused with the field's name."""
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {path.stat().st_size:,} bytes, more than a config.json holds (at most "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB). Pass the model's config.json")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}). Pass a JSON config.json") from None
     try:
-        config = json.loads(text)
+        config = json.loads(text, parse_int=lambda digits: OversizedInt(digits) if len(digits) > MAX_CONFIG_DIGITS
+                            else int(digits))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
                           "Fix the file or pass another config.json") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config.json. Pass the model's config.json") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    oversized = find_oversized(config)
+    if oversized is not None:
+        field, digits = oversized
+        raise ConfigError(f"{path}: {field} is an integer of {len(digits):,} digits; no config value has more than "
+                          f"{MAX_CONFIG_DIGITS}. Fix the field or pass another config.json")
     return config
+
+
+def find_oversized(config: Any) -> tuple[str, str] | None:
+    """The dotted path and digits of the first OversizedInt in a parsed config (iterative: nesting may be deep)."""
+    stack: list[tuple[str, Any]] = [("", config)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, OversizedInt):
+            return where or "the value", str(value)
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{key}" if where else str(key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+    return None
 
 
 def hub_cache_dirs() -> list[Path]:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from falconbench.cli import cli
 from falconbench.errors import ResultsError
-from falconbench.fit import (Footprint, balanced_split, fit, fit_row, largest_fitting, layer_weight_bytes, pack,
-                             split_items, usable_bytes)
+from falconbench.fit import (Footprint, balanced_split, expand, fit, fit_row, largest_fitting, layer_weight_bytes,
+                             pack, split_runs, usable_bytes)
 from falconbench.gpus import get_gpu, gpu_profiles
 from falconbench.planner import SAFETY_MARGIN, fits_on, kv_cache_bytes, plan_point, weights_bytes
 from falconbench.render.console import reset_consoles
@@ -133,7 +133,7 @@ def test_split_pieces_add_up_to_the_planners_weights(model):
     for scheme in SCHEMES.values():
         first, groups, last = layer_weight_bytes(s, scheme)
         assert first + sum(count * layer for count, layer in groups) + last == weights_bytes(s, scheme)
-    items = split_items(Footprint(s, get_scheme("nf4")), 2048, 3)
+    items = expand(split_runs(Footprint(s, get_scheme("nf4")), 2048, 3))
     assert sum(items) == weights_bytes(s, get_scheme("nf4")) + kv_cache_bytes(s, 2048, 3)
 
 
@@ -146,13 +146,13 @@ def test_gpus_needed_is_consistent(model, dtype):
         if row.fits:
             assert row.gpus_needed == 1 and row.per_gpu_bytes == (row.total_bytes,)
             continue
-        items = split_items(footprint, 2048, 1)
+        items = expand(split_runs(footprint, 2048, 1))
         assert len(row.per_gpu_bytes) == row.gpus_needed == min_cards(items, row.runtime_bytes, row.usable_bytes)
         assert all(load <= row.usable_bytes for load in row.per_gpu_bytes)
         # every card carries the runtime part; together they hold every weight and the whole KV cache
         assert sum(row.per_gpu_bytes) == row.total_bytes + (row.gpus_needed - 1) * row.runtime_bytes
         # the split is no worse than in-order filling, and (by the DP above) one card fewer holds it in no way
-        assert max(row.per_gpu_bytes) <= max(pack(items, row.runtime_bytes, row.usable_bytes))
+        assert max(row.per_gpu_bytes) <= max(expand(pack([(i, 1) for i in items], row.runtime_bytes, row.usable_bytes)))
 
 
 def test_falcon_180b_needs_three_h200s():
@@ -163,11 +163,13 @@ def test_falcon_180b_needs_three_h200s():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=12), st.integers(0, 20), st.integers(1, 150))
 def test_balanced_split_uses_the_fewest_cards_and_no_fuller_card_than_greedy(items, per_card, capacity):
-    split, greedy = balanced_split(items, per_card, capacity), pack(items, per_card, capacity)
+    runs = [(i, 1) for i in items]
+    split, greedy = balanced_split(runs, per_card, capacity), pack(runs, per_card, capacity)
     expected = min_cards(items, per_card, capacity)
     if expected is None:
         assert split is None and greedy is None
         return
+    split, greedy = expand(split), expand(greedy)
     assert len(split) == len(greedy) == expected
     assert max(split) <= max(greedy) and sum(split) == sum(items) + expected * per_card
 
@@ -270,7 +272,7 @@ def test_a_cpu_run_calibrates_weights_only(tmp_path):
     assert any("no CUDA overhead" in note for note in result.calibration_notes)
 
 
-def test_calibration_skips_broken_lines_and_odd_fields(tmp_path):
+def test_calibration_skips_broken_lines_and_rows_with_odd_fields(tmp_path):
     folder = write_test_run(tmp_path / "run", [run_row("bf16", perplexity=float("nan"))])
     with open(folder / "results.jsonl", "a") as handle:  # TEST INPUT: a truncated write and a hand-edited row
         handle.write('{"model": "falcon-7b", "dtype": "nf4", "sta\n')
@@ -278,8 +280,10 @@ def test_calibration_skips_broken_lines_and_odd_fields(tmp_path):
                                  "weights_bytes": 7 * GIB, "settings": [], "quality": "x", "environment": 3}) + "\n")
     result = fit("falcon-7b", dtypes=["bf16", "int8", "nf4"], gpus=["L4"], calibrate=str(folder))
     assert any("results.jsonl:2: not valid JSON" in note for note in result.calibration_notes)
-    assert row_of(result, "L4", "int8").weights_bytes == 7 * GIB and row_of(result, "L4", "int8").calibrated == (
-        "weights",)
+    # a field of the wrong type makes the line no row, named with its reason, rather than a row read half-way
+    assert any("results.jsonl:3: not a results row: settings must be dict" in note
+               for note in result.calibration_notes)
+    assert row_of(result, "L4", "int8").calibrated == ()
     assert not result.calibrations[0].quality.measured  # NaN perplexity is no measurement
 
 

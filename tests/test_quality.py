@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from falconbench.data import DATA_DIR, EVAL_TEXT
 from falconbench.errors import RunError, UsageError
 from falconbench.quality import QualityResult, QualitySpec, sliding_windows, token_hash
-from falconbench.quality.reference import check_reference_size
+from falconbench.quality.reference import check_reference_size, reference_path
+from falconbench.quality.spec import load_eval_tokens
 
 torch = pytest.importorskip("torch")
 
@@ -226,7 +227,8 @@ def test_bf16_against_fp16_is_the_noise_floor(drift):
 def test_every_scheme_scored_the_same_tokens(drift):
     out, results = drift
     assert len({(r.token_hash, r.eval_tokens, r.reference_file) for r in results.values()}) == 1
-    assert [p.name for p in out.iterdir()] == [results["bf16"].reference_file]
+    reference = results["bf16"].reference_file
+    assert sorted(p.name for p in out.iterdir()) == [reference, reference.replace(".safetensors", ".sha256.json")]
     row = results["nf4"].as_fields()
     assert row["quality"]["reference"] == "bf16" and row["quality"]["eval_text"] == "northanger-abbey-1-5"
     assert row["quality"]["eval_tokens"] == 256 and row["quality"]["scored_tokens"] == 255
@@ -242,13 +244,57 @@ def test_reference_file_holds_float16_distributions(drift, tokenizer):
         assert handle.get_tensor("greedy").numel() == 16
 
 
-def test_reference_is_reused_not_recomputed(drift, smollm2_dir, tokenizer):
+def test_the_reference_scheme_recomputes_its_file_rather_than_reusing_it(drift, tokenizer, tmp_path):
     out, results = drift
-    path = out / results["bf16"].reference_file
-    before = path.stat().st_mtime_ns
-    again = measure(_NoForward(), tokenizer, out, is_reference=True)  # must not run the model at all
-    assert again.reference_reused and path.stat().st_mtime_ns == before
-    assert again.perplexity == results["bf16"].perplexity
+    folder = copy_reference(out, results, tmp_path)
+    with pytest.raises(AssertionError, match="the model was (run|consulted)"):  # it computes, never reuses
+        measure(_NoForward(), tokenizer, folder, is_reference=True)
+
+
+def copy_reference(out, results, tmp_path):
+    """A folder holding a copy of the drift run's reference file and its checksum."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in out.iterdir():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "its SHA-256 differs from the one recorded"),
+    ("no checksum", r"\.sha256\.json is missing \(the write did not finish\?\)"),
+    ("other weights", "its weights is None, this run's is 'ffff"),
+    ("other scheme", "its reference is 'bf16', this run's is 'fp16'"),
+])
+def test_a_damaged_or_foreign_reference_is_refused_not_reused(drift, tokenizer, tmp_path, damage, message):
+    """From the issue: 20,000 flipped bytes gave fp16 a KL of 6.87, another model's reference a top-1 of 0%."""
+    out, results = drift
+    folder = copy_reference(out, results, tmp_path)
+    path = folder / results["bf16"].reference_file
+    spec, weights = SPEC, None
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        for offset in range(len(data) // 2, len(data) // 2 + 20_000):
+            data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "no checksum":
+        path.with_name(path.name.replace(".safetensors", ".sha256.json")).unlink()
+    elif damage == "other weights":
+        weights = "ffff0000ffff0000"
+    else:
+        spec = QualitySpec(**{**SPEC.__dict__, "reference": "fp16"})
+        (folder / reference_path(folder, spec, "smollm2", load_eval_tokens(tokenizer, spec)).name).write_bytes(
+            path.read_bytes())  # the bf16 file under the name an fp16 reference would have
+        checksum = path.with_name(path.name.replace(".safetensors", ".sha256.json"))
+        target = reference_path(folder, spec, "smollm2", load_eval_tokens(tokenizer, spec))
+        target.with_name(target.name.replace(".safetensors", ".sha256.json")).write_bytes(checksum.read_bytes())
+    from falconbench.quality import measure_quality
+
+    with pytest.raises(RunError, match=message):
+        measure_quality(_NoForward(), tokenizer, spec, folder, is_reference=False, model_id="smollm2",
+                        weights=weights)
 
 
 def test_reference_against_itself_shows_only_storage_rounding(drift, smollm2_dir, tokenizer):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -323,8 +323,10 @@ def one_error_line(output: str) -> bool:
 # --- writes -------------------------------------------------------------------------------------------------
 
 
-def row(dtype: str) -> RunResult:
-    return RunResult(model="tiny", dtype=dtype, status="ok", config_hash=f"hash-{dtype}")
+def row(dtype: str, status: str = "ok") -> RunResult:
+    """A row named by the hash its own settings give, as every row `run` writes (a reader recomputes it)."""
+    plain = RunResult(model="tiny", dtype=dtype, status=status)
+    return replace(plain, config_hash=plain.expected_hash())
 
 
 def test_a_row_appended_after_a_cut_short_line_starts_on_its_own_line(tmp_path):
@@ -350,17 +352,17 @@ def test_a_corrupt_line_is_reported_by_its_number_and_skipped_by_report(interrup
     assert [(r.dtype, r.status) for r in read_results(out)[0]] == [("bf16", "ok"), ("fp16", "interrupted")]
 
 
-def test_a_report_that_cannot_be_written_leaves_the_results_as_they_are(interrupted, tmp_path, capsys):
-    from falconbench.cli.run import write_run_report
-
+def test_a_report_that_cannot_be_written_leaves_the_results_as_they_are(interrupted, tiny_falcon_config, tmp_path):
     out = copy_run(interrupted["SIGINT"], tmp_path)
+    (out / RESULTS_FILE).write_text((out / RESULTS_FILE).read_text().splitlines()[0] + "\n")  # bf16, done
     before = (out / RESULTS_FILE).read_bytes()
     (out / "report.md").mkdir()
     (out / "report.md" / "keep").write_text("a folder where the report should go")
-    write_run_report(out)
-    err = capsys.readouterr().err
-    assert f"! The report could not be written: cannot write {out / 'report.md'}: Is a directory" in err
-    assert "The results are intact" in err
+    result = CliRunner().invoke(cli, run_args(tiny_falcon_config, out, "--resume", dtypes=["bf16"]),
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"! The report could not be written: cannot write {out / 'report.md'}: Is a directory" in result.output
+    assert "The results are intact" in result.output
     assert (out / RESULTS_FILE).read_bytes() == before
     assert not list(out.glob(".*tmp*"))
 
@@ -806,8 +808,8 @@ def test_each_row_is_synced_as_one_whole_line(tmp_path, monkeypatch):
     real_fsync = results_module.os.fsync
     monkeypatch.setattr(results_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     path = tmp_path / RESULTS_FILE
-    append_result(path, RunResult(model="m", dtype="bf16", status="ok", config_hash="h1"))
-    append_result(path, RunResult(model="m", dtype="nf4", status="oom", config_hash="h2"))
+    append_result(path, row("bf16"))
+    append_result(path, row("nf4", "oom"))
     lines = path.read_text().splitlines(keepends=True)
     assert len(synced) == 2 and len(lines) == 2 and all(line.endswith("}\n") for line in lines)
     rows, problems = read_results(path)

@@ -3,6 +3,7 @@
 import base64
 import csv
 import json
+from dataclasses import replace
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from falconbench.render.console import reset_consoles
 from falconbench.render.report import CSV_FIELDS
 from falconbench.comparison import Spread, spread
 from falconbench.report import load_comparison, write_atomic, write_report
-from falconbench.results import RunResult, append_result, latest_rows, read_results
+from falconbench.results import RunResult, append_result, latest_rows, read_results, settings_hash
 from falconbench.schemes import SCHEMES
 
 DATA = Path(__file__).parent / "data"
@@ -79,7 +80,8 @@ def make_row(dtype="bf16", status="ok", model="falcon-7b", **values) -> RunResul
         base.update(weights_bytes=2**30, kv_cache_bytes=2**24, peak_memory_bytes=2**30 + 2**28, ttft_seconds=0.05,
                     decode_tokens_per_second=20.0)
     base.update(values)
-    return RunResult(model=model, dtype=dtype, status=status, config_hash=f"{model}-{dtype}", **base)
+    row = RunResult(model=model, dtype=dtype, status=status, **base)
+    return replace(row, config_hash=row.expected_hash())  # what a reader recomputes: one configuration per dtype
 
 
 def write_rows(folder: Path, rows) -> Path:
@@ -243,6 +245,7 @@ def forget_model_folder(run: Path) -> None:
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     for row in rows:
         row["settings"]["model_source"]["folder"] = str(run / "gone")
+        row["config_hash"] = settings_hash(row["dtype"], row["settings"])  # as run names such a row
     (run / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -338,11 +341,20 @@ def test_spread_reads_what_the_latency_detail_holds(latency, expected):
 
 
 def test_values_of_the_wrong_type_are_dropped_not_trusted(tmp_path):
-    folder = write_rows(tmp_path / "run", [make_row(weights_bytes="1 GiB", kv_cache_bytes=-5, ttft_seconds=True,
-                                                    quality={"delta_ci_low": 0.1, "delta_ci_high": "x"}, settings="batch=4")])
+    folder = write_rows(tmp_path / "run", [make_row(kv_cache_bytes=-5, quality={"delta_ci_low": 0.1,
+                                                                                "delta_ci_high": "x"},
+                                                    settings={"batch": "4"})])
     (row,) = load_comparison([folder]).rows
-    assert row.weights_bytes is None and row.kv_cache_bytes is None and row.ttft_seconds is None
-    assert row.perplexity_change_ci is None and row.batch == 1
+    assert row.kv_cache_bytes is None and row.perplexity_change_ci is None and row.batch == 1
+
+
+@pytest.mark.parametrize("field, value, kind", [("weights_bytes", "1 GiB", "int or null"),
+                                                ("ttft_seconds", True, "float or null"), ("settings", "batch=4", "dict")])
+def test_a_row_field_of_the_wrong_type_makes_the_line_no_row(tmp_path, field, value, kind):
+    folder = write_rows(tmp_path / "run", [make_row("bf16"), make_row("nf4", **{field: value})])
+    comparison = load_comparison([folder])
+    assert [row.dtype for row in comparison.rows] == ["bf16"]
+    assert any(f"results.jsonl:2: not a results row: {field} must be {kind}" in p for p in comparison.problems)
 
 
 def test_impossible_timings_leave_out_their_spread_not_the_report(tmp_path):

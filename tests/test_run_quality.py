@@ -76,3 +76,26 @@ def test_the_run_wrote_its_report(sweep):
     for name in ("report.md", "report.csv", "report.html", "quality.png"):
         assert (folder / name).is_file(), name
     assert "## Quality" in (folder / "report.md").read_text()
+
+
+def test_resume_rebuilds_a_damaged_reference_with_the_reference_scheme(sweep, smollm2_dir, tmp_path):
+    """Issue: 20,000 flipped bytes in reference-*.safetensors were reused silently (fp16 got KL 6.87, not 0)."""
+    import shutil
+
+    _, resumed, folder, reference, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    damaged = copy / reference.name
+    data = bytearray(damaged.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 20_000):
+        data[offset] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again = run("-m", smollm2_dir, "-d", "int8,nf4", "-o", copy, "--resume")
+    rows, problems = read_results(copy)
+    assert not problems and sorted(r.dtype for r in rows) == ["bf16", "int8", "nf4"]  # bf16 ran again, once
+    bf16 = {r["dtype"]: r for r in again}["bf16"]
+    assert bf16["timestamp"] != resumed[0]["timestamp"] and bf16["perplexity"] == resumed[0]["perplexity"]
+    assert damaged.read_bytes() != bytes(data)  # rebuilt, and it checks out
+    from falconbench.quality.reference import verify_reference
+
+    assert verify_reference(damaged, {"reference": "bf16"}) is None

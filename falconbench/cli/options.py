@@ -46,10 +46,31 @@ def parse_count(text: str, option: str, example: str) -> int:
     raw = str(text).strip().lower()
     scale = COUNT_SUFFIXES.get(raw[-1:], 1)
     digits = raw[:-1] if scale > 1 else raw
-    if not digits.isdigit() or int(digits) * scale <= 0:
-        raise UsageError(f"--{option} must be a positive integer (8k = 8192), got {text!r}. "
-                         f"Example: --{option} {example}")
+    # NOTE: isascii, as isdigit and int() also read other scripts' digits ('٣' is 3, '０8' is 8)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_DIGITS or int(digits) * scale <= 0:
+        raise UsageError(f"--{option} must be a positive integer written with the digits 0-9, at most {MAX_DIGITS} "
+                         f"of them (8k = 8192), got {str(text)[:40]!r}. Example: --{option} {example}")
     return int(digits) * scale
+
+
+MAX_DIGITS = 19  # 10^19 tokens is past any count a plan or a run can use; int() would take 4,300 digits, slowly
+
+
+class Whole(click.ParamType):
+    """A whole number of runs, 0 or more, in the digits 0-9 (click's INT reads other scripts' digits too)."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+            self.fail(f"must be a whole number written with the digits 0-9, got {str(value)[:40]!r}", param, ctx)
+        return int(text)
+
+
+WHOLE = Whole()
 
 
 def given_list(option: str, values: Iterable[str] | str | None, example: str) -> list[str]:

@@ -6,13 +6,13 @@ import math
 
 import click
 
-from ..errors import UsageError
+from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, UsageError
 from ..render.console import console, err_console
 from ..run.config import RunConfig
 from ..schemes import KV_DTYPE_AUTO
 from .finetune import finetune_options, refuse_finetune_options, task_option
 from .options import apply, attn_option, batch_option, device_option, dtype_option, format_option, \
-    COUNT, kv_dtype_option, model_option
+    COUNT, WHOLE, kv_dtype_option, model_option
 
 
 def parse_size(text: str | None) -> int | None:
@@ -41,8 +41,8 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--prompt-tokens", type=COUNT, default=RunConfig.prompt_tokens, show_default=True, help="Prompt length (prefill).")
 @click.option("--new-tokens", type=COUNT, default=RunConfig.new_tokens, show_default=True,
               help="Tokens generated per run, never stopped early.")
-@click.option("--repeats", type=int, default=RunConfig.repeats, show_default=True, help="Timed runs per configuration.")
-@click.option("--warmup", type=int, default=RunConfig.warmup, show_default=True, help="Untimed runs before the timed ones.")
+@click.option("--repeats", type=WHOLE, default=RunConfig.repeats, show_default=True, help="Timed runs per configuration.")
+@click.option("--warmup", type=WHOLE, default=RunConfig.warmup, show_default=True, help="Untimed runs before the timed ones.")
 @click.option("--int8-threshold", type=float, default=RunConfig.int8_threshold, show_default=True,
               help="LLM.int8 outlier threshold.")
 @click.option("--quality/--no-quality", default=True, show_default=True,
@@ -110,21 +110,35 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
 
     announce_conversion(model)
     progress = render.RunProgress()
-    try:
-        with progress:
-            outcome = run_benchmark(
-                model, dtypes, device=device, output=output, attn_impl=attn_impl,
-                on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
-                prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
-                int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
-                window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap),
-                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, allow_downloads=allow_downloads)
-    except KeyboardInterrupt:
-        where = progress.output_dir or output
-        err_console().print(f"Interrupted. Finished configurations are kept in {where}/results.jsonl; finish the "
-                            f"rest with the same command plus --output {where} --resume", markup=False,
-                            highlight=False, soft_wrap=True)
-        raise SystemExit(130) from None
+    from ..run.orchestrator import terminate_as_interrupt
+
+    # NOTE: SIGTERM and SIGHUP act as Ctrl-C from here to the last line printed, the report's write included
+    with terminate_as_interrupt():
+        try:
+            with progress:
+                outcome = run_benchmark(
+                    model, dtypes, device=device, output=output, attn_impl=attn_impl, report=True,
+                    on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
+                    prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
+                    int8_threshold=int8_threshold, reference=reference, eval_text=eval_text,
+                    eval_tokens=eval_tokens, window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap),
+                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                    allow_downloads=allow_downloads)
+            show_outcome(outcome, fmt)
+        except KeyboardInterrupt:
+            where = progress.output_dir or output
+            err_console().print(f"Interrupted. Finished configurations are kept in {where}/results.jsonl; finish "
+                                f"the rest with the same command plus --output {where} --resume", markup=False,
+                                highlight=False, soft_wrap=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+    if outcome.failed:
+        raise SystemExit(EXIT_FAILURE)
+
+
+def show_outcome(outcome, fmt: str) -> None:
+    """The tables (or the machine format), the skipped lines, and where the results and the report went."""
+    from ..render import run as render
+
     if fmt == "table":
         for table in render.run_tables(outcome.rows):
             console().print(table)
@@ -135,7 +149,13 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
                             markup=False, highlight=False, soft_wrap=True)
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False,
                         soft_wrap=True)
-    write_run_report(outcome.output_dir)
+    if outcome.report_error is not None:
+        err_console().print(f"! The report could not be written: {outcome.report_error}. The results are intact; "
+                            f"retry with falconbench report {outcome.output_dir}", style="yellow", markup=False,
+                            highlight=False, soft_wrap=True)
+    elif outcome.report is not None:
+        err_console().print(f"Report written to {outcome.report.out_dir / 'report.html'} (and report.md, "
+                            "report.csv, PNG plots)", markup=False, highlight=False, soft_wrap=True)
 
 
 def single_shape(models: list[str], batches: list[int], kv_dtype: str) -> tuple[str, int]:
@@ -162,18 +182,3 @@ def machine_output(fmt: str, outcome) -> str:
         return render.run_json(outcome.rows)
     comparison = load_comparison([outcome.output_dir])
     return report_render.report_csv(comparison) if fmt == "csv" else report_render.report_markdown(comparison)
-
-
-def write_run_report(output_dir) -> None:
-    """The report of the run, into its folder; a failure here is told, and the results stay as they are."""
-    from ..report import write_report
-
-    try:
-        result = write_report([output_dir])
-    except Exception as error:  # noqa: BLE001 - the sweep succeeded; a report failure must not hide that
-        err_console().print(f"! The report could not be written: {error}. The results are intact; retry with "
-                            f"falconbench report {output_dir}", style="yellow", markup=False, highlight=False,
-                            soft_wrap=True)
-        return
-    err_console().print(f"Report written to {result.out_dir / 'report.html'} (and report.md, report.csv, PNG plots)",
-                        markup=False, highlight=False, soft_wrap=True)

@@ -16,9 +16,10 @@ from .windows import Window, sliding_windows
 
 
 def measure_quality(model, tokenizer, spec: QualitySpec, out_dir: Path, is_reference: bool,
-                    model_id: str | None = None) -> QualityResult:
-    """Score `model` on the evaluation tokens. The reference writes (or reuses) the stored reference in `out_dir`;
-    any other scheme is compared against it and raises RunError if it is missing or was built on other tokens.
+                    model_id: str | None = None, weights: str | None = None) -> QualityResult:
+    """Score `model` on the evaluation tokens. The reference (re)writes the stored reference in `out_dir`; any
+    other scheme is compared against it and raises RunError if it is missing, fails its checksum, belongs to
+    other weights (`weights`, a fingerprint of the model's weight files) or was built on other tokens.
 
     `model_id` keys the stored reference (default: the folder or hub id the model was loaded from).
     """
@@ -28,22 +29,22 @@ def measure_quality(model, tokenizer, spec: QualitySpec, out_dir: Path, is_refer
     tokens = load_eval_tokens(tokenizer, spec)
     model_id = model_id or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
     path = reference_path(out_dir, spec, model_id, tokens)
+    expected = {"weights": weights}
     with torch.inference_mode():
-        if is_reference:
-            reused = path.is_file()
-            if not reused:
-                _compute_reference(model, tokenizer, spec, tokens, path, model_id)
-            stored = _checked_reference(path, spec, tokens)
-            return _reference_result(stored, spec, tokens, model_id, reused, time.perf_counter() - started)
-        stored = _checked_reference(path, spec, tokens)
+        if is_reference:  # NOTE: always recomputed: rerunning the reference scheme is how a reference is rebuilt
+            _compute_reference(model, tokenizer, spec, tokens, path, {"model_id": model_id, **expected})
+            stored = _checked_reference(path, spec, tokens, expected)
+            return _reference_result(stored, spec, tokens, model_id, False, time.perf_counter() - started)
+        stored = _checked_reference(path, spec, tokens, expected)
         scores = _score_against(model, stored, spec, tokens)
         greedy = greedy_continuation(model, _prompt_ids(tokenizer, spec), spec.greedy_tokens)
     return _scheme_result(stored, scores, greedy, spec, tokens, model_id, time.perf_counter() - started)
 
 
-def _checked_reference(path: Path, spec: QualitySpec, tokens: EvalTokens) -> StoredReference:
-    """The stored reference, after checking it was scored on exactly these tokens."""
-    stored = read_reference(path, spec.reference)
+def _checked_reference(path: Path, spec: QualitySpec, tokens: EvalTokens, expected: dict) -> StoredReference:
+    """The stored reference, after checking its checksum and `expected` metadata, and that it was scored on
+    exactly these tokens."""
+    stored = read_reference(path, spec.reference, expected)
     if stored.token_ids != tokens.ids:
         first = next((i for i, (a, b) in enumerate(zip(stored.token_ids, tokens.ids)) if a != b),
                      min(len(stored.token_ids), len(tokens.ids)))
@@ -66,7 +67,8 @@ def _logits(model, ids, window: Window):
     return logits
 
 
-def _compute_reference(model, tokenizer, spec: QualitySpec, tokens: EvalTokens, path: Path, model_id: str) -> None:
+def _compute_reference(model, tokenizer, spec: QualitySpec, tokens: EvalTokens, path: Path,
+                       identity: dict) -> None:
     """Score every window once and store the full log-softmax of every scored position."""
     import torch
 
@@ -92,7 +94,7 @@ def _compute_reference(model, tokenizer, spec: QualitySpec, tokens: EvalTokens, 
         top1[start:stop] = lp.argmax(dim=-1).cpu()
     prompt = _prompt_ids(tokenizer, spec)
     greedy = greedy_continuation(model, prompt, spec.greedy_tokens)
-    meta = {"reference": spec.reference, "model_id": model_id, "eval_text": tokens.text_name,
+    meta = {"reference": spec.reference, **identity, "eval_text": tokens.text_name,
             "text_sha256": tokens.text_sha256, "token_hash": tokens.token_hash, **spec.stored_settings()}
     write_reference(path, {"token_ids": ids, "logprobs": logprobs, "target_logprobs": target, "top1": top1,
                            "prompt": torch.tensor(prompt, dtype=torch.long),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,21 @@ def read_eval_text(spec: QualitySpec) -> tuple[str, str]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not UTF-8 text (byte {exc.start}). Pass a UTF-8 text file") from None
     return text[: spec.eval_tokens * CHARS_PER_TOKEN_BOUND], hashlib.sha256(raw).hexdigest()
+
+
+def check_eval_text(spec: QualitySpec) -> None:
+    """Refuse, before any work, an evaluation text that is not a regular file of UTF-8 with some words in it."""
+    path = spec.text_path()
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as exc:
+        raise UsageError(f"cannot read the evaluation text {path}: {exc.strerror or exc}. Check the --eval-text "
+                         "path") from None
+    if not regular:
+        raise UsageError(f"the evaluation text {path} is not a regular file. Pass a UTF-8 text file")
+    text, _ = read_eval_text(spec)
+    if not text.strip():
+        raise UsageError(f"the evaluation text {path} is empty. Pass a UTF-8 text file with some prose in it")
 
 
 def load_eval_tokens(tokenizer, spec: QualitySpec) -> EvalTokens:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..errors import RunError, UsageError
 from ..planner import ATTN_IMPLS, DEVICES, check_positive
+from ..results import settings_hash
 from ..schemes import Scheme, get_scheme, kv_dtype_for  # noqa: F401 - kv_dtype_for is re-exported
 from ..sources import ModelSource
 
@@ -25,6 +27,9 @@ DEFAULT_INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (Dettmers et al. 20
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.load files: loading them can run code
 MAX_NAME_CHARS = 100  # of a folder name made from a model name (file systems allow 255 bytes per name)
+# NOTE: bounds far past any real run, so a typo (an extra zero, 10^20) is refused before a worker starts rather
+# than failing inside torch in every worker (C++ frames in the row, an OverflowError, exit 0)
+MAX_RUN_VALUE = {"prompt_tokens": 2**20, "new_tokens": 2**20, "batch": 2**16, "repeats": 10_000, "warmup": 10_000}
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,16 @@ class RunConfig:
             check_positive(name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise UsageError(f"warmup must be a whole number of runs (0 or more), got {self.warmup!r}")
+        for name, most in MAX_RUN_VALUE.items():
+            if getattr(self, name) > most:
+                raise UsageError(f"{name.replace('_', '-')} is {getattr(self, name):,}, more than falconbench runs "
+                                 f"(at most {most:,}). Lower --{name.replace('_', '-')}")
         if self.memory_cap_bytes is not None:
             check_positive("memory cap", self.memory_cap_bytes)
+            if self.memory_cap_bytes > machine_memory_bytes():
+                raise UsageError(f"--memory-cap of {self.memory_cap_bytes:,} bytes is more than this machine's "
+                                 f"{machine_memory_bytes():,} bytes of memory, so it caps nothing. Give a smaller "
+                                 "size, such as 4G, or leave it out")
         # NOTE: validated even when quality is off, so a mistyped --window or --stride is refused, not ignored
         self.quality_spec()
         if self.quality and self.eval_text is not None and not Path(self.eval_text).expanduser().is_file():
@@ -128,6 +141,22 @@ class RunConfig:
                 "window": self.window, "stride": self.stride}
 
 
+def machine_memory_bytes() -> int:
+    """The machine's physical memory (Linux and macOS: sysconf), the most a --memory-cap can mean."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: bounded by what an address space can hold
+        return 2**63 - 1
+
+
+def check_against_model(config: RunConfig, spec) -> None:
+    """Refuse token counts the model cannot take: more cached positions than its position limit."""
+    limit = spec.max_positions
+    if limit and config.cached_tokens > limit:
+        raise UsageError(f"--prompt-tokens {config.prompt_tokens} + --new-tokens {config.new_tokens} need "
+                         f"{config.cached_tokens:,} positions; {spec.name} has {limit:,}. Lower them")
+
+
 def quantization_settings(scheme: Scheme, int8_threshold: float) -> dict[str, Any] | None:
     """The explicit BitsAndBytesConfig arguments of `scheme` (None for a float scheme).
 
@@ -159,17 +188,27 @@ def check_safetensors(path: Path) -> None:
             head = handle.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             header = json.loads(handle.read(length)) if 0 <= length <= min(size, 100 * 2**20) else None
-    except (OSError, ValueError) as exc:  # ValueError: the header is not JSON (UnicodeDecodeError is one too)
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON (UnicodeDecodeError is one too)
         raise RunError(f"{path} is not a readable safetensors file ({exc}). Download or convert it again") from None
     if not isinstance(header, dict):
         raise RunError(f"{path} is not a safetensors file, or its header is cut short ({size:,} bytes). Download "
                        "or convert it again")
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
-    expected = 8 + length + max((int(end) for end in ends), default=0)
+    ends = [tensor_end(path, name, entry) for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
     if size < expected:
         raise RunError(f"{path} is truncated: {size:,} of {expected:,} bytes. The download or copy did not "
                        "finish; fetch it again")
+
+
+def tensor_end(path: Path, name: str, entry: Any) -> int:
+    """Where a tensor's bytes end, from its safetensors header entry; a malformed entry is refused by name."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    whole = isinstance(offsets, list) and len(offsets) == 2 and all(
+        isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+    if not whole or offsets[0] > offsets[1]:
+        raise RunError(f"{path} is not a valid safetensors file: tensor {name[:100]!r} has data_offsets "
+                       f"{str(offsets)[:60]}, not two byte positions [begin, end]. Download or convert it again")
+    return offsets[1]
 
 
 def model_identity(source: ModelSource, random_weights: bool, allow_pickle: bool = False) -> dict[str, Any]:
@@ -181,14 +220,34 @@ def model_identity(source: ModelSource, random_weights: bool, allow_pickle: bool
     else:
         identity["folder"] = str(source.folder.resolve())
         identity["weights"] = [[p.name, p.stat().st_size] for p in weight_files(source.folder, allow_pickle)]
+        identity["weights_fingerprint"] = weights_fingerprint(source.folder, allow_pickle)
     return identity
 
 
+FINGERPRINT_BLOCKS = 64  # blocks read per weight file
+FINGERPRINT_BLOCK_BYTES = 64 * 2**10
+
+
+def weights_fingerprint(folder: Path, allow_pickle: bool = False) -> str:
+    """16 hex digits that tell one model's weights from another's without reading them whole: each weight
+    file's name, size, first MiB (a safetensors header names every tensor) and 64 blocks of 64 KiB spread evenly
+    over it. Two fine-tunes of one architecture differ in every block; a 14 GB model costs 4 MiB of reads."""
+    digest = hashlib.sha256()
+    for path in weight_files(Path(folder), allow_pickle):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(2**20))
+            for index in range(FINGERPRINT_BLOCKS):
+                handle.seek(size * index // FINGERPRINT_BLOCKS)
+                digest.update(handle.read(FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def config_hash(identity: dict[str, Any], config: RunConfig) -> str:
-    """A deterministic name for one configuration: model identity + dtype + every setting."""
-    payload = {"model": identity, "dtype": config.dtype, "settings": config.settings()}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A deterministic name for one configuration: model identity + dtype + every setting, as its row records
+    them (so a reader can recompute it from the row)."""
+    return settings_hash(config.dtype, {**config.settings(), "model_source": identity})
 
 
 def require_weights(source: ModelSource, random_weights: bool, allow_pickle: bool = False) -> None:

@@ -22,7 +22,7 @@ from ..results import RESULTS_FILE, RunResult, append_result, read_results
 from ..schemes import get_scheme
 from ..sources import ModelSource, profiles_dir, resolve_model
 from . import worker
-from .rundir import keep_model_config, prepare_output, resume_rows
+from .rundir import hold_run_folder, keep_model_config, prepare_output, reference_unusable, resume_rows
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
     require_weights
 from .hub import resolve_or_download
@@ -55,10 +55,17 @@ class RunOutcome:
     output_dir: Path
     quality_skipped: str | None = None  # why quality was not measured, when it was not
     problems: tuple[str, ...] = ()  # lines of results.jsonl that are not rows ("path:line: reason"), skipped
+    report: Any = None  # the ReportResult, when the report was asked for and written
+    report_error: str | None = None  # why the asked-for report could not be written (the results stand)
 
     @property
     def results_path(self) -> Path:
         return self.output_dir / RESULTS_FILE
+
+    @property
+    def failed(self) -> bool:
+        """Some configuration ended out of memory or in an error (the exit code says so)."""
+        return any(row.status in ("oom", "error") for row in self.rows)
 
 
 def resolve_device(device: str) -> str:
@@ -78,12 +85,15 @@ def resolve_device(device: str) -> str:
 
 def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", output: Path | None = None,
                   on_event: OnEvent | None = None, quality: bool = True, resume: bool = False,
-                  **settings: Any) -> RunOutcome:
+                  report: bool = False, **settings: Any) -> RunOutcome:
     """Measure `model` in each of `dtypes`, one fresh process per configuration (the Python API of `run`).
 
     Quality is measured when the model has real weights and `quality` is on; then the reference scheme runs
     first (added when missing), so its log-probabilities are stored before any scheme is compared with them.
+    With `report`, the report is written before the output folder's lock is released.
     """
+    if output is not None and not str(output).strip():
+        raise UsageError("--output is empty. Name a folder, or leave the option out for a new one under reports/")
     if not dtypes:
         raise UsageError("no dtype to run. Example: --dtype bf16,int8,nf4")
     # NOTE: canonical names, so BF16 and bf16 are one configuration and the reference is found among the dtypes
@@ -91,6 +101,7 @@ def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", outpu
     settings["reference"] = get_scheme(settings.get("reference", "bf16")).name
     if len(set(dtypes)) != len(dtypes):
         raise UsageError(f"a dtype is listed twice in {', '.join(dtypes)}; each runs once")
+    check_model_text(model)
     model = zoo_folder(model)
     random_weights = settings.get("random_weights", False)
     source = resolve_or_download(model, settings.get("allow_downloads", False), random_weights,
@@ -103,10 +114,49 @@ def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", outpu
         reference = settings.get("reference", "bf16")
         dtypes = [reference] + [d for d in dtypes if d != reference]
     configs = [RunConfig(model=model, dtype=d, device=resolved, quality=skipped is None, **settings) for d in dtypes]
+    check_up_front(configs, source)
     output_dir = Path(output) if output is not None else default_output_dir(source.name)
-    rows = run_sweep(configs, output_dir, on_event, resume=resume, quality_skipped=skipped)
-    _, problems = read_results(output_dir / RESULTS_FILE)
-    return RunOutcome(rows, output_dir, quality_skipped=skipped, problems=tuple(str(p) for p in problems))
+    with terminate_as_interrupt(), hold_run_folder(output_dir):
+        rows = run_sweep(configs, output_dir, on_event, resume=resume, quality_skipped=skipped)
+        _, problems = read_results(output_dir / RESULTS_FILE)
+        outcome = RunOutcome(rows, output_dir, quality_skipped=skipped, problems=tuple(str(p) for p in problems))
+        return replace(outcome, **write_run_report(output_dir)) if report else outcome
+
+
+def write_run_report(output_dir: Path) -> dict[str, Any]:
+    """The run's report, into its folder: {"report": result} or, when it fails, {"report_error": why}."""
+    from ..report import write_report
+
+    try:
+        return {"report": write_report([output_dir])}
+    except Exception as error:  # noqa: BLE001 - the sweep succeeded; a report failure must not hide that
+        return {"report_error": str(error) or type(error).__name__}
+
+
+def check_model_text(model: str) -> None:
+    """A model path every file and log can name: bytes that are not UTF-8 (a folder named with \\xff) cannot be
+    written into results.jsonl or worker.log, so they are refused before the output folder exists."""
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the model path {model.encode('utf-8', 'backslashreplace').decode()} holds bytes that "
+                         "are not UTF-8. Rename the folder, or link it under a UTF-8 name") from None
+
+
+def check_up_front(configs: Sequence[RunConfig], source: ModelSource) -> None:
+    """What each worker would fail on, refused once before any starts: token counts past the model's positions,
+    an evaluation text that is not UTF-8 prose, a reference too large to store."""
+    from ..quality.reference import check_reference_size
+    from ..quality.spec import check_eval_text
+    from .config import check_against_model
+
+    spec = source.spec()
+    for config in configs[:1]:  # every configuration of a sweep shares these settings
+        check_against_model(config, spec)
+        if config.quality:
+            quality = config.quality_spec()
+            check_eval_text(quality)
+            check_reference_size(quality.eval_tokens - 1, spec.vocab_size, quality.logprob_dtype)
 
 
 def zoo_folder(model: str) -> str:
@@ -131,12 +181,12 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
 
     sources = {model: resolve_model(model) for model in dict.fromkeys(c.model for c in configs)}
     planned = [planned_row(config, quality_skipped, sources[config.model]) for config in configs]
-    results_path = prepare_output(output_dir)
-    done = resume_rows(results_path, planned, resume)
-    if sources:
-        keep_model_config(next(iter(sources.values())), output_dir)
-    rows = []
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), hold_run_folder(output_dir):
+        results_path = prepare_output(output_dir)
+        done = resume_rows(results_path, planned, resume, lambda row: bool(reference_unusable(row, output_dir)))
+        if sources:
+            keep_model_config(next(iter(sources.values())), output_dir)
+        rows = []
         for index, (config, base) in enumerate(zip(configs, planned)):
             notify(Event("start", index, len(configs), config))
             if base.config_hash in done:
@@ -149,7 +199,7 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
             append_result(results_path, row)
             rows.append(row)
             notify(Event("done", index, len(configs), config, row=row))
-    return rows
+        return rows
 
 
 @contextmanager
@@ -174,6 +224,8 @@ def terminate_as_interrupt():
 def planned_row(config: RunConfig, quality_skipped: str | None = None,
                 source: ModelSource | None = None) -> RunResult:
     """The row before measurement: identity, settings, hash, and the planner's figures for this run."""
+    from .. import __version__  # here: the package's __init__ imports this module before it sets its version
+
     source = source or resolve_model(config.model)
     identity = model_identity(source, config.random_weights, config.allow_pickle)
     plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
@@ -181,7 +233,7 @@ def planned_row(config: RunConfig, quality_skipped: str | None = None,
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
                      planned_weights_bytes=plan.weights_bytes, planned_kv_cache_bytes=plan.kv_cache_bytes,
-                     planned_total_bytes=plan.total_bytes,
+                     planned_total_bytes=plan.total_bytes, falconbench_version=__version__,
                      quality={"skipped": f"quality not measured: {quality_skipped}"} if quality_skipped else {})
 
 
@@ -193,16 +245,39 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 @contextmanager
 def signals_blocked(signals: frozenset):
-    """Block `signals` in this thread (pending ones arrive when it ends); a process started meanwhile keeps the
-    block for its whole life."""
+    """Block `signals` in this thread, and hold back their Python handlers, while the block runs; a process
+    started meanwhile keeps the mask for its whole life. A signal that came meanwhile raises KeyboardInterrupt
+    once the block is done.
+
+    NOTE: the mask alone is not enough. It is per thread, and the sweep has others (the progress display's
+    refresh thread): the kernel hands a process-directed signal to a thread that does not block it, and Python
+    then runs the handler in the main thread at its next instruction, inside `Process.start()`. Raised between
+    spawning the child and sending it its pickled arguments, that left a child whose pid the parent never
+    learnt: it printed a traceback from multiprocessing/spawn.py on the terminal and was never killed.
+    """
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX
         yield
         return
+    arrived: list[int] = []
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        held = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in signals}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # still masked: take the signals pending for this thread, so none reaches a restored handler half-way
+        for sig in signal.sigpending() & set(signals):
+            signal.sigtimedwait([sig], 0)
+            arrived.append(sig)
+        try:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    arrived = [sig for sig in arrived if held.get(sig) is not signal.SIG_IGN]
+    if arrived:
+        raise KeyboardInterrupt(*([] if arrived[0] == signal.SIGINT else [signal.Signals(arrived[0]).name]))
 
 
 def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase: Callable[[str], None]) -> RunResult:

@@ -159,9 +159,12 @@ def quality_phase(config: RunConfig, source, model, output_dir: Path | None, fie
         except (OSError, ValueError) as exc:
             raise RunError(f"no tokenizer could be loaded from {source.folder} ({describe(exc)[:200]}); quality "
                            "is scored on text, so the folder needs its tokenizer files") from None
+        from .config import weights_fingerprint
+
         result = measure_quality(model, tokenizer, config.quality_spec(), output_dir,
                                  is_reference=config.dtype == config.reference,
-                                 model_id=str(Path(source.folder).resolve()))
+                                 model_id=str(Path(source.folder).resolve()),
+                                 weights=weights_fingerprint(source.folder, config.allow_pickle))
         fields.update(result.as_fields())
     except (KeyboardInterrupt, SystemExit):
         raise
