@@ -354,13 +354,14 @@ def no_worker(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (["--memory-cap", "1e19"], "is more than this machine's"),
-    (["--batch", "100000000000000000000"], "--batch has 21 digits"),
-    (["--batch", "٣"], "must be a whole number written with the digits 0-9"),
-    (["--prompt-tokens", "０8"], "must be a whole number written with the digits 0-9"),
+    (["--batch", "100000000000000000000"], "--batch must be a positive integer written with the digits 0-9, at most"),
+    (["--batch", "٣"], "--batch must be a positive integer written with the digits 0-9"),
+    (["--prompt-tokens", "０8"], "--prompt-tokens must be a positive integer written with the digits 0-9"),
+    (["--repeats", "٣"], "must be a whole number written with the digits 0-9"),
     (["--batch", "70000"], "batch is 70,000, more than falconbench runs (at most 65,536)"),
     (["--prompt-tokens", "300"], "need 301 positions; tiny-falcon-config"),
-    (["-d", ",,"], "--dtype was given but names nothing"),
-    (["-d", ""], "--dtype was given but names nothing"),
+    (["-d", ",,"], "--dtype was given an empty value"),
+    (["-d", ""], "--dtype was given an empty value"),
 ])
 def test_bad_run_values_are_refused_before_any_worker(tiny_falcon_config, tmp_path, no_worker, options, message):
     """Issue: --memory-cap 1e19 (OverflowError) and --batch 10^20 (C++ frames) failed in every worker, exit 0."""
@@ -399,11 +400,11 @@ def test_a_model_folder_named_with_a_non_utf8_byte_is_refused_before_the_output_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["plan", "-m", ""], "--model was given but names nothing"),
-    (["plan", "-c", ""], "--context was given but names nothing"),
-    (["plan", "-c", "٣"], "context must be a positive integer (digits 0-9"),
-    (["plan", "-c", "1" + "0" * 400], "context must be a positive integer (digits 0-9, at most 19)"),
-    (["fit", "-m", "falcon-7b", "-g", ","], "--gpu was given but names nothing"),
+    (["plan", "-m", ""], "--model was given an empty value"),
+    (["plan", "-c", ""], "--context was given an empty value"),
+    (["plan", "-c", "٣"], "--context must be a positive integer written with the digits 0-9"),
+    (["plan", "-c", "1" + "0" * 400], "--context must be a positive integer written with the digits 0-9, at most 19"),
+    (["fit", "-m", "falcon-7b", "-g", ","], "--gpu was given an empty value"),
 ])
 def test_empty_lists_and_odd_digits_are_refused(args, message):
     result = invoke(*args)
@@ -492,6 +493,15 @@ def greedy(items, per_card, capacity):
             loads.append(per_card)
         loads[-1] += item
     return loads
+
+
+def test_every_row_field_has_a_type_check():
+    """A field added to RunResult needs its JSON type in FIELD_TYPES, or reading a row of it would crash."""
+    from dataclasses import fields
+
+    from falconbench.results import FIELD_TYPES, RunResult
+
+    assert {f.type for f in fields(RunResult)} <= set(FIELD_TYPES)
 
 
 @settings(max_examples=300, deadline=None)

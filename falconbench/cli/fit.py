@@ -10,7 +10,7 @@ from ..render.console import console
 from ..errors import UsageError
 from .finetune import finetune_options, fit_finetune_command, given_dtypes, refuse_finetune_options, task_option
 from .options import apply, attn_option, batch_option, context_option, device_option, dtype_option, format_option, \
-    kv_dtype_option, model_option, split_list
+    given_list, kv_dtype_option, model_option
 
 
 @click.command("fit")
@@ -50,7 +50,7 @@ def fit_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, 
                                     seq_lens, optimizer, gradient_checkpointing, fmt)
     from ..render import fit as render
 
-    results = fit(models, dtypes, contexts, batches, gpus=split_list(gpus) or None, margin=margin,
+    results = fit(models, dtypes, contexts, batches, gpus=given_list("gpu", gpus, "A100-80GB,H100-80GB") or None, margin=margin,
                   calibrate=calibrate, kv_dtype=kv_dtype, attn_impl=attn_impl, device=device)
     if fmt == "table":
         out = console()
