@@ -48,8 +48,9 @@ def parse_count(text: str, option: str, example: str) -> int:
     digits = raw[:-1] if scale > 1 else raw
     # NOTE: isascii, as isdigit and int() also read other scripts' digits ('٣' is 3, '０8' is 8)
     if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_DIGITS or int(digits) * scale <= 0:
-        raise UsageError(f"--{option} must be a positive integer written with the digits 0-9, at most {MAX_DIGITS} "
-                         f"of them (8k = 8192), got {str(text)[:40]!r}. Example: --{option} {example}")
+        shown = repr(str(text)) if len(str(text)) <= 40 else repr(str(text)[:40]) + "..."
+        raise UsageError(f"--{option} must be a positive integer (8k = 8192), got {shown}. "
+                         f"Example: --{option} {example}")
     return int(digits) * scale
 
 
