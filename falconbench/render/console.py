@@ -8,9 +8,15 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from rich.console import Console
+from rich.box import HEAVY_HEAD, Box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
 
 FORMATS: tuple[str, ...] = ("table", "json", "csv", "markdown")
 
@@ -125,3 +131,170 @@ def versus_plan(measured: int | None, planned: int | None) -> str:
     if abs(difference) / planned >= 0.0005:
         return format_percent(difference / planned)
     return ("+" if difference > 0 else "") + format_bytes(difference)
+
+
+# --- Tables that fit the terminal -------------------------------------------------------------------------------
+# NOTE: rich shrinks a table that is too wide by wrapping its cells, which splits numbers and names ("121.6" /
+# "0 GiB"). A Grid never lets it: every column is no_wrap, and when the table is wider than the console, columns
+# retreat until it fits: a column with one value in every row moves into a line above the table ("hoist"), then
+# by priority "fold" columns move onto further lines of the first column and "drop" columns are left out (and
+# named under the table), and "note" columns move under the table as one line per row that has a value;
+# what still does not fit continues in a second table that repeats the key column.
+# Titles and captions are printed as text of their own, wrapped at word boundaries at the console's width.
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column of a Grid: `priority` 0 never folds or drops; higher ones retreat first."""
+
+    header: str
+    right: bool = False
+    priority: int = 0
+    retreat: str = "fold"  # "fold" | "drop" | "note"
+    hoist: bool = False  # when every row holds the same value, it may move into a line above the table
+    ident: bool = False  # names the row in the lines of a "note" column
+    style: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    inline: tuple[int, ...]
+    folded: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    hoisted: tuple[int, ...] = ()
+    noted: tuple[int, ...] = ()
+
+
+class Grid:
+    """A table that lays itself out for the width it is given (a rich renderable)."""
+
+    def __init__(self, columns: Sequence[Col], rows: Sequence[Sequence[str]], title: str = "", caption: str = "",
+                 box: Box = HEAVY_HEAD, show_lines: bool = False, show_edge: bool = True,
+                 row_styles: Sequence[str | None] = (), markup: bool = False):
+        self.columns, self.rows = list(columns), [list(r) for r in rows]
+        self.title, self.caption, self.markup = title, caption, markup
+        self.box, self.show_lines, self.show_edge = box, show_lines, show_edge
+        self.row_styles = list(row_styles)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        layout = self.layout(console, options, width)
+        if self.title:
+            yield self._text(self.title)
+        if layout.hoisted:
+            yield self._text(" · ".join(f"{self.columns[i].header}: {self.rows[0][i]}" for i in layout.hoisted))
+        yield from self._tables(layout, console, options, width)
+        for i in layout.noted:
+            yield from (self._text(line) for line in self._notes(layout, i))
+        caption = self.caption
+        if layout.dropped:
+            names = ", ".join(self.columns[i].header.replace("\n", " ") for i in layout.dropped)
+            caption += ("\n" if caption else "") + (f"Not shown at {width} columns: {names} (a wider terminal, or "
+                                                     "--format markdown or json, shows every column).")
+        if caption:
+            yield self._text(caption)
+
+    def _text(self, text: str) -> Text:
+        return Text.from_markup(text) if self.markup else Text(text)
+
+    def retreats(self) -> list[tuple[int, str]]:
+        """The order in which columns leave the table's line: constant hoistable ones, then by priority."""
+        constant = [(i, "hoist") for i, c in enumerate(self.columns)
+                    if c.hoist and len(self.rows) > 1 and len({r[i] for r in self.rows}) == 1]
+        ranked = sorted((i for i, c in enumerate(self.columns) if c.priority > 0 and (i, "hoist") not in constant),
+                        key=lambda i: (-self.columns[i].priority, -i))
+        return constant + [(i, self.columns[i].retreat) for i in ranked]
+
+    def layout(self, console: Console, options: ConsoleOptions, width: int) -> Layout:
+        """The first layout, retreating one column at a time, whose table fits `width`."""
+        layout = Layout(tuple(range(len(self.columns))))
+        for index, how in self.retreats():
+            if self._fits(self._table(layout), console, options, width):
+                break
+            inline = tuple(i for i in layout.inline if i != index)
+            if not inline:
+                break
+            if how == "fold" and index == layout.inline[0]:
+                how = "drop"
+            layout = Layout(inline, layout.folded + ((index,) if how == "fold" else ()),
+                            layout.dropped + ((index,) if how == "drop" else ()),
+                            layout.hoisted + ((index,) if how == "hoist" else ()),
+                            layout.noted + ((index,) if how == "note" else ()))
+        return layout
+
+    def _notes(self, layout: Layout, index: int) -> list[str]:
+        """A "note" column's values, one line per row that has one, named by the row's ident cells."""
+        names = [i for i, c in enumerate(self.columns) if c.ident and i not in layout.hoisted]
+        lines = [f"  {' '.join(row[i] for i in names)}: {row[index]}" if names else f"  {row[index]}"
+                 for row in self.rows if row[index].strip()]
+        return [f"{self.columns[index].header}:"] + lines if lines else []
+
+    def _tables(self, layout: Layout, console: Console, options: ConsoleOptions, width: int) -> list:
+        """One table, or the inline columns spread over several that each repeat the first; rows of
+        `Header: value` lines where not even that fits."""
+        table = self._table(layout)
+        if self._fits(table, console, options, width):
+            return [table]
+        key, rest = layout.inline[:1], layout.inline[1:]
+        chunks: list[list[int]] = [[]]
+        for index in rest:
+            trial = Layout(key + tuple(chunks[-1]) + (index,), layout.folded if len(chunks) == 1 else ())
+            if chunks[-1] and not self._fits(self._table(trial), console, options, width):
+                chunks.append([])
+            chunks[-1].append(index)
+        tables = [self._table(Layout(key + tuple(c), layout.folded if n == 0 else ())) for n, c in enumerate(chunks)]
+        if all(self._fits(t, console, options, width) for t in tables):
+            return tables
+        return [self._records(layout.inline + layout.folded + layout.dropped + layout.noted)]
+
+    @staticmethod
+    def _fits(table: Table, console: Console, options: ConsoleOptions, width: int) -> bool:
+        return Measurement.get(console, options.update_width(10**6), table).maximum <= width
+
+    def _table(self, layout: Layout) -> Table:
+        table = Table(box=self.box, show_lines=self.show_lines, show_edge=self.show_edge)
+        hosts = [self.rows_text(r, layout.inline[0]) for r in range(len(self.rows))] if layout.inline else []
+        limit = max([cell_width(h) for h in hosts] + [cell_width(self.columns[layout.inline[0]].header)]
+                    + [cell_width(r[j]) for r in self.rows for j in layout.folded] + [0])
+        for i in layout.inline:
+            col = self.columns[i]
+            header = col.header
+            if i == layout.inline[0] and layout.folded:
+                header += "\n" + pack([self.columns[j].header.replace("\n", " ") for j in layout.folded], limit)
+            table.add_column(header, justify="right" if col.right and i != layout.inline[0] else "left",
+                             no_wrap=True, style=col.style)
+        for r, row in enumerate(self.rows):
+            cells = [row[i] for i in layout.inline]
+            if layout.folded and cells:
+                cells[0] += "\n" + pack([row[j].replace("\n", " ") for j in layout.folded], limit)
+            table.add_row(*(cells if self.markup else [Text(c) for c in cells]),
+                          style=self.row_styles[r] if r < len(self.row_styles) else None)
+        return table
+
+    def rows_text(self, r: int, i: int) -> str:
+        return self.rows[r][i]
+
+    def _records(self, order: Sequence[int]) -> Text:
+        """Each row as `Header: value` lines, for widths no table fits in."""
+        lines = []
+        for row in self.rows:
+            for n, i in enumerate(order):
+                value = row[i].replace("\n", "; ")
+                lines.append(f"{'' if n == 0 else '  '}{self.columns[i].header.replace(chr(10), ' ')}: {value}")
+        return self._text("\n".join(lines))
+
+
+def cell_width(text: str) -> int:
+    """The widest line of `text` in terminal cells (markup counted as shown)."""
+    return max((cell_len(Text.from_markup(line).plain) for line in text.split("\n")), default=0)
+
+
+def pack(values: Sequence[str], limit: int, separator: str = " · ") -> str:
+    """`values` joined on lines of at most `limit` cells, breaking only between values."""
+    lines: list[str] = []
+    for value in values:
+        if lines and cell_width(lines[-1] + separator + value) <= limit:
+            lines[-1] += separator + value
+        else:
+            lines.append(value)
+    return "\n".join(lines)

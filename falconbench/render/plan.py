@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rich.table import Table
-
 from ..planner import SAFETY_MARGIN, PlanRow
-from .console import format_bytes, to_csv, to_json, to_markdown
+from .console import Col, Grid, format_bytes, to_csv, to_json, to_markdown
 
-HEADERS = ("Model", "Attn", "Dtype", "Context", "Batch", "Weights", "KV cache", "Runtime*", "Total",
-           "Smallest GPU", "Warnings")
-RIGHT = (False, False, False, True, True, True, True, True, True, False, False)
+# Narrow terminals first move a value shared by every row above the table and the warnings under it, then fold
+# Attn and Smallest GPU under the first column, then Context and Batch, and drop Runtime* last (Total counts it).
+COLUMNS = (Col("Model", hoist=True, ident=True), Col("Attn", priority=5, hoist=True),
+           Col("Dtype", hoist=True, ident=True), Col("Context", True, 3, hoist=True, ident=True),
+           Col("Batch", True, 2, hoist=True, ident=True), Col("Weights", True), Col("KV cache", True),
+           Col("Runtime*", True, 1, "drop"), Col("Total", True), Col("Smallest GPU", priority=4),
+           Col("Warnings", priority=6, retreat="note", style="yellow"))
+HEADERS = tuple(c.header for c in COLUMNS)
+RIGHT = tuple(c.right for c in COLUMNS)
 
 
 def _cells(row: PlanRow) -> list[str]:
@@ -42,18 +46,9 @@ def exactness_note(rows) -> str:
     return " ".join(notes)
 
 
-def plan_table(rows: Sequence[PlanRow]) -> Table:
-    table = Table(title="falconbench plan", caption=_caption(rows), title_justify="left", caption_justify="left")
-    show_warnings = any(r.warnings for r in rows)
-    for header, right in zip(HEADERS, RIGHT):
-        if header == "Warnings" and not show_warnings:
-            continue
-        table.add_column(header, justify="right" if right else "left",
-                         style="yellow" if header == "Warnings" else None, overflow="fold")
-    for row in rows:
-        cells = _cells(row)
-        table.add_row(*(cells if show_warnings else cells[:-1]))
-    return table
+def plan_table(rows: Sequence[PlanRow]) -> Grid:
+    show = len(COLUMNS) if any(r.warnings for r in rows) else len(COLUMNS) - 1
+    return Grid(COLUMNS[:show], [_cells(r)[:show] for r in rows], title="falconbench plan", caption=_caption(rows))
 
 
 def _caption(rows: Sequence[PlanRow]) -> str:
@@ -63,7 +58,9 @@ def _caption(rows: Sequence[PlanRow]) -> str:
     exact = "Weights and KV cache are exact" if all(x.exactness == "exact" for x in rows) else \
         "Weights and KV cache are exact except where marked ~"
     note = exactness_note(rows)
-    return (f"{exact} ({r.kv_dtype} cache). {note + ' ' if note else ''}*Runtime is an estimate: CUDA context, "
+    kv = {row.kv_dtype for row in rows}
+    cache = f"{r.kv_dtype} cache" if len(kv) == 1 else "cache in each scheme's compute dtype"
+    return (f"{exact} ({cache}). {note + ' ' if note else ''}*Runtime is an estimate: CUDA context, "
             f"prefill activations and logits ({r.attn_impl} attention). Smallest GPU keeps "
             f"{SAFETY_MARGIN:.0%} of its memory free.")
 
