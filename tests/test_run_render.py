@@ -44,11 +44,9 @@ falconbench run: tiny on cpu (Test CPU), prompt 16 + 8 new tokens, batch 1, 3 re
  bf16   ok      250.0 ms  4.0 ms    5.0 ms  1.00×         250.0  1.00×     4.5 ms     10.0%
  nf4    ok      500.0 ms  8.0 ms    9.0 ms  2.00×         125.0  0.50×     9.0 ms      5.0%
  int8   oom            -       -         -      -             -      -          -         -
-Δplan: (measured − planned) / planned, in bytes where a percentage would round to zero;
-Planned is the planner's total (weights, KV cache, runtime estimate), set against the
-measured Peak.
-Peak: peak RSS − baseline. TTFT (prefill) and Decode: medians over the repeats; Token: one
-decode step.
+Δplan: (measured − planned) / planned, in bytes where a percentage would round to zero; Planned is the
+planner's total (weights, KV cache, runtime estimate), set against the measured Peak.
+Peak: peak RSS − baseline. TTFT (prefill) and Decode: medians over the repeats; Token: one decode step.
 int8: oom: RuntimeError: [enforce fail] can't allocate memory
 """
 

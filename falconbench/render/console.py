@@ -153,6 +153,7 @@ class Col:
     retreat: str = "fold"  # "fold" | "drop" | "note"
     hoist: bool = False  # when every row holds the same value, it may move into a line above the table
     ident: bool = False  # names the row in the lines of a "note" column
+    wrap: bool = False  # prose: may wrap between words (never inside one)
     style: str | None = None
 
 
@@ -170,10 +171,11 @@ class Grid:
 
     def __init__(self, columns: Sequence[Col], rows: Sequence[Sequence[str]], title: str = "", caption: str = "",
                  box: Box = HEAVY_HEAD, show_lines: bool = False, show_edge: bool = True,
-                 row_styles: Sequence[str | None] = (), markup: bool = False):
+                 row_styles: Sequence[str | None] = (), markup: bool = False, collapse_padding: bool = False):
         self.columns, self.rows = list(columns), [list(r) for r in rows]
         self.title, self.caption, self.markup = title, caption, markup
         self.box, self.show_lines, self.show_edge = box, show_lines, show_edge
+        self.collapse_padding = collapse_padding
         self.row_styles = list(row_styles)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -247,32 +249,40 @@ class Grid:
             return tables
         return [self._records(layout.inline + layout.folded + layout.dropped + layout.noted)]
 
-    @staticmethod
-    def _fits(table: Table, console: Console, options: ConsoleOptions, width: int) -> bool:
-        return Measurement.get(console, options.update_width(10**6), table).maximum <= width
+    def _fits(self, table: Table, console: Console, options: ConsoleOptions, width: int) -> bool:
+        """Whether `table` fits with no_wrap columns whole and prose columns narrowed to their longest word."""
+        natural = Measurement.get(console, options.update_width(10**6), table).maximum
+        slack = 0
+        for column in table.columns:
+            if column.no_wrap:
+                continue
+            texts = [str(column.header)] + [c.plain if isinstance(c, Text) else str(c) for c in column.cells]
+            longest_word = max((cell_len(w) for t in texts for w in t.split()), default=0)
+            slack += max(cell_width(t) for t in texts) - longest_word
+        return natural - slack <= width
 
     def _table(self, layout: Layout) -> Table:
-        table = Table(box=self.box, show_lines=self.show_lines, show_edge=self.show_edge)
-        hosts = [self.rows_text(r, layout.inline[0]) for r in range(len(self.rows))] if layout.inline else []
-        limit = max([cell_width(h) for h in hosts] + [cell_width(self.columns[layout.inline[0]].header)]
-                    + [cell_width(r[j]) for r in self.rows for j in layout.folded] + [0])
+        table = Table(box=self.box, show_lines=self.show_lines, show_edge=self.show_edge,
+                      collapse_padding=self.collapse_padding)
+        width = (lambda text: cell_width(text, self.markup))
+        host = layout.inline[0]
+        limit = max([width(r[host]) for r in self.rows] + [width(self.columns[host].header)]
+                    + [width(r[j]) for r in self.rows for j in layout.folded])
         for i in layout.inline:
             col = self.columns[i]
             header = col.header
             if i == layout.inline[0] and layout.folded:
-                header += "\n" + pack([self.columns[j].header.replace("\n", " ") for j in layout.folded], limit)
+                header += "\n" + pack([self.columns[j].header.replace("\n", " ") for j in layout.folded], limit,
+                                      self.markup)
             table.add_column(header, justify="right" if col.right and i != layout.inline[0] else "left",
-                             no_wrap=True, style=col.style)
+                             no_wrap=not col.wrap, overflow="fold" if col.wrap else "ellipsis", style=col.style)
         for r, row in enumerate(self.rows):
             cells = [row[i] for i in layout.inline]
             if layout.folded and cells:
-                cells[0] += "\n" + pack([row[j].replace("\n", " ") for j in layout.folded], limit)
+                cells[0] += "\n" + pack([row[j].replace("\n", " ") for j in layout.folded], limit, self.markup)
             table.add_row(*(cells if self.markup else [Text(c) for c in cells]),
                           style=self.row_styles[r] if r < len(self.row_styles) else None)
         return table
-
-    def rows_text(self, r: int, i: int) -> str:
-        return self.rows[r][i]
 
     def _records(self, order: Sequence[int]) -> Text:
         """Each row as `Header: value` lines, for widths no table fits in."""
@@ -284,16 +294,16 @@ class Grid:
         return self._text("\n".join(lines))
 
 
-def cell_width(text: str) -> int:
-    """The widest line of `text` in terminal cells (markup counted as shown)."""
-    return max((cell_len(Text.from_markup(line).plain) for line in text.split("\n")), default=0)
+def cell_width(text: str, markup: bool = False) -> int:
+    """The widest line of `text` in terminal cells (with `markup`, as shown)."""
+    return max((cell_len(Text.from_markup(line).plain if markup else line) for line in text.split("\n")), default=0)
 
 
-def pack(values: Sequence[str], limit: int, separator: str = " · ") -> str:
+def pack(values: Sequence[str], limit: int, markup: bool = False, separator: str = " · ") -> str:
     """`values` joined on lines of at most `limit` cells, breaking only between values."""
     lines: list[str] = []
     for value in values:
-        if lines and cell_width(lines[-1] + separator + value) <= limit:
+        if lines and cell_width(lines[-1] + separator + value, markup) <= limit:
             lines[-1] += separator + value
         else:
             lines.append(value)

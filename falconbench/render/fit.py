@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rich.table import Table
-
 from ..calibrate import QualityCost
 from ..fit import FitResult, FitRow, Recommendation
 from ..planner import CUDA_CONTEXT_BYTES
-from .console import format_bytes, format_percent, to_csv, to_json, to_markdown
+from .console import Col, Grid, format_bytes, format_percent, to_csv, to_json, to_markdown
 
 
 def _speed(row: FitRow) -> str:
@@ -47,24 +45,22 @@ def _header(dtype: str, rows: Sequence[FitRow]) -> str:
     return dtype + ("\n(calibrated)" if calibrated else "")
 
 
-def fit_table(rows: Sequence[FitRow]) -> Table:
-    """Cards as rows, schemes as columns, for one context and batch."""
+def fit_table(rows: Sequence[FitRow]) -> Grid:
+    """Cards as rows, schemes as columns, for one context and batch; schemes that do not fit the terminal's
+    width continue in a second table."""
     first = rows[0]
     dtypes = list(dict.fromkeys(r.dtype for r in rows))
     title = f"falconbench fit: {first.model} · context {first.context:,} · batch {first.batch}"
-    table = Table(title=title, caption=caption(rows), title_justify="left", caption_justify="left",
-                  show_lines=True)
-    table.add_column("GPU")
-    for dtype in dtypes:
-        table.add_column(_header(dtype, rows))
     by_card: dict[str, dict[str, FitRow]] = {}
     for row in rows:
         by_card.setdefault(row.gpu, {})[row.dtype] = row
+    body = []
     for gpu, cells in by_card.items():
         card = next(iter(cells.values()))
         label = f"{gpu}\n{format_bytes(card.memory_bytes)}\n{card.bandwidth_bytes_per_second / 1e9:,.0f} GB/s"
-        table.add_row(label, *(fit_cell(cells[d]) if d in cells else "-" for d in dtypes))
-    return table
+        body.append([label, *(fit_cell(cells[d]) if d in cells else "-" for d in dtypes)])
+    columns = [Col("GPU")] + [Col(_header(d, rows)) for d in dtypes]
+    return Grid(columns, body, title=title, caption=caption(rows), show_lines=True)
 
 
 def caption(rows: Sequence[FitRow]) -> str:
@@ -130,7 +126,7 @@ def notes(result: FitResult) -> list[str]:
     return lines
 
 
-def fit_tables(result: FitResult) -> list[Table]:
+def fit_tables(result: FitResult) -> list[Grid]:
     return [fit_table(block) for block in _blocks(result)]
 
 

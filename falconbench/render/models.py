@@ -4,25 +4,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rich.table import Table
-
 from ..zoo import ModelListing
-from .console import to_json
+from .console import Col, Grid, to_json
 
-HEADERS = ("Name", "Kind", "Model", "Weights")
+# Narrow terminals fold Kind, then Weights, under the name; the description wraps between words.
+COLUMNS = (Col("Name"), Col("Kind", priority=2), Col("Model", wrap=True), Col("Weights", priority=1))
+CAPTION = ("Profiles are configs only: plan them, or run them with --random-weights. Bundled models carry real "
+           "weights: `falconbench models get NAME` converts one once and prints its folder.")
 
 
-def models_table(rows: Sequence[ModelListing]) -> Table:
-    table = Table(title="falconbench models", title_justify="left", caption_justify="left",
-                  caption="Profiles are configs only: plan them, or run them with --random-weights. Bundled models "
-                          "carry real weights: `falconbench models get NAME` converts one once and prints its "
-                          "folder.")
-    for header in HEADERS:
-        table.add_column(header, overflow="fold")
-    for row in rows:
-        weights = f"cached: {row.folder}" if row.folder else row.weights
-        table.add_row(row.name, row.kind, row.description, weights)
-    return table
+def models_table(rows: Sequence[ModelListing]) -> Grid:
+    body = [[row.name, row.kind, row.description, f"cached: {row.folder}" if row.folder else row.weights]
+            for row in rows]
+    return Grid(COLUMNS, body, title="falconbench models", caption=CAPTION)
 
 
 def models_json(rows: Sequence[ModelListing]) -> str:

@@ -107,19 +107,14 @@ def report_cells(comparison: Comparison) -> list[TableCells]:
 
 
 def report_tables(comparison: Comparison) -> list:
-    """The comparison as rich Tables for the console."""
+    """The comparison as width-aware tables for the console."""
     from rich import box
-    from rich.table import Table
 
-    tables = []
-    for cells in report_cells(comparison):
-        table = Table(title=cells.title, title_justify="left", box=box.SIMPLE_HEAD)
-        for header, right in zip(cells.headers, cells.right):
-            table.add_column(header, justify="right" if right else "left", overflow="fold")
-        for row, failed in zip(cells.body, cells.failed):
-            table.add_row(*row, style="red" if failed else None)
-        tables.append(table)
-    return tables
+    from .console import Col, Grid
+
+    return [Grid([Col(h, right=r) for h, r in zip(cells.headers, cells.right)], cells.body, title=cells.title,
+                 box=box.SIMPLE_HEAD, row_styles=["red" if failed else None for failed in cells.failed])
+            for cells in report_cells(comparison)]
 
 
 def run_lines(comparison: Comparison) -> list[str]:

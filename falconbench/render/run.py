@@ -7,12 +7,11 @@ from typing import Sequence
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich import box
-from rich.table import Table
 
 from ..results import RunResult
 from ..run.orchestrator import Event
 from ..run.stats import ratio
-from .console import (err_console, format_bytes, format_number, format_percent, format_seconds, to_json,
+from .console import (Col, Grid, err_console, format_bytes, format_number, format_percent, format_seconds, to_json,
                       versus_plan)
 
 JSON_FIELDS = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
@@ -112,15 +111,10 @@ SPEED_HEADERS = ("Dtype", "Status", "Load", "TTFT", "TTFT p90", "×{ref}", "Deco
                  "Token p90", "Token CV")
 
 
-def _table(title: str, headers: Sequence[str], body: list[list[str]], ref: str, caption: str = "") -> Table:
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  box=box.SIMPLE_HEAD, collapse_padding=True, show_edge=False)
-    for header in headers:
-        table.add_column(header.format(ref=ref), justify="left" if header in ("Dtype", "Status") else "right",
-                         no_wrap=True)
-    for cells in body:
-        table.add_row(*cells)
-    return table
+def _table(title: str, headers: Sequence[str], body: list[list[str]], ref: str, caption: str = "") -> Grid:
+    columns = [Col(header.format(ref=ref), right=header not in ("Dtype", "Status")) for header in headers]
+    return Grid(columns, body, title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, markup=True,
+                collapse_padding=True)
 
 
 def quality_cells(row: RunResult) -> list[str]:
@@ -139,7 +133,7 @@ def quality_cells(row: RunResult) -> list[str]:
 QUALITY_HEADERS = ("Dtype", "Status", "PPL", "Δ PPL [95% CI]", "KL mean", "KL p95", "Top-1", "Diverges at")
 
 
-def run_tables(rows: Sequence[RunResult]) -> list[Table]:
+def run_tables(rows: Sequence[RunResult]) -> list[Grid]:
     """Memory and speed, one row per scheme, with ratios (×) to the first row, the reference; then quality
     against the reference scheme, when it was measured."""
     if not rows:
