@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .sources import profiles_dir
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ def get_gpu(name: str) -> GPU:
     for gpu in gpu_profiles():
         if gpu.name.lower() == wanted:
             return gpu
-    raise UsageError(f"unknown GPU {name!r}. Choose from: {', '.join(g.name for g in gpu_profiles())}")
+    names = [g.name for g in gpu_profiles()]
+    raise UsageError(f"unknown GPU {name!r}.{did_you_mean(name, names)} Choose from: {', '.join(names)}")
 
 
 def dtype_support(gpu: GPU, scheme: "Scheme") -> tuple[bool, str | None]:

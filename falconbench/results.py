@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .errors import ResultsError
+from .errors import NotFoundError, ResultsError
 
 Status = Literal["ok", "oom", "error", "interrupted", "skipped"]
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "interrupted", "skipped")
@@ -221,7 +221,8 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
                         continue  # a fine-tuning row (falconbench.train.sweep reads those)
                     rows.append(RunResult.from_dict(data))
                 except json.JSONDecodeError as exc:
-                    problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}); truncated write?"))
+                    problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}: column {exc.colno}); "
+                                                                    "truncated write?"))
                 except RecursionError:
                     problems.append(ReadProblem(str(path), number, "not a results row: JSON nested too deeply"))
                 except (TypeError, ValueError) as exc:
@@ -234,6 +235,8 @@ def open_regular(path: Path, how_to_fix: str):
     a device such as /dev/zero never ends. O_NONBLOCK only keeps opening a FIFO from waiting for a writer."""
     try:
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file or folder. {how_to_fix}") from None
     except OSError as exc:
         raise ResultsError(f"cannot read {path}: {exc.strerror or exc}. {how_to_fix}") from None
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):

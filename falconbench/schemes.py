@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 Kind = Literal["float", "int8", "4bit"]
 
@@ -92,7 +92,7 @@ def get_scheme(name: str) -> Scheme:
     """The scheme called `name` (case-insensitive)."""
     scheme = SCHEMES.get(name.strip().lower())
     if scheme is None:
-        raise UsageError(f"unknown dtype {name!r}. Choose from: {', '.join(SCHEMES)}")
+        raise UsageError(f"unknown dtype {name!r}.{did_you_mean(name, SCHEMES)} Choose from: {', '.join(SCHEMES)}")
     return scheme
 
 
@@ -107,7 +107,8 @@ def kv_dtype_for(scheme: Scheme, kv_dtype: str = KV_DTYPE_AUTO) -> str:
     if name == KV_DTYPE_AUTO:
         return _DTYPE_NAMES[scheme.torch_dtype]
     if name not in KV_DTYPES:
-        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}. Choose from: {KV_DTYPE_AUTO}, {', '.join(KV_DTYPES)}")
+        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}.{did_you_mean(str(kv_dtype), KV_DTYPES)} Choose from: "
+                         f"{KV_DTYPE_AUTO}, {', '.join(KV_DTYPES)}")
     return name
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError, UnknownModelError, did_you_mean
 from .spec import ArchSpec, spec_from_config
 
 
@@ -171,12 +171,26 @@ def resolve_model(model: str) -> ModelSource:
     if is_file:
         return ModelSource(path.resolve().parent.name if path.name == "config.json" else path.stem,
                            path.parent, path, read_config(path), "file")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    hub_like = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if hub_like:
         snapshot = find_in_hub_cache(text)
         if snapshot is not None:
             config_path = snapshot / "config.json"
             return ModelSource(text, snapshot, config_path, read_config(config_path), "hub-cache")
-    raise ModelNotFoundError(
-        f"unknown model {model!r}. Known profiles: {', '.join(model_profiles())}. "
-        "Or pass a folder holding config.json, a config.json path, or a hub id already in the local "
-        "Hugging Face cache (falconbench never downloads)")
+    raise model_not_found(text, hub_like)
+
+
+def model_not_found(text: str, hub_like: bool) -> ModelNotFoundError:
+    """The error for a --model that resolves to nothing: a missing path, an uncached hub id, or an unknown name
+    (with the nearest known names)."""
+    if hub_like:
+        return ModelNotFoundError(
+            f"{text!r} is neither a folder here nor a hub id in the local Hugging Face cache. Pass a model folder, "
+            "or fetch the hub id first (falconbench run --allow-downloads fetches its config, weights and tokenizer)")
+    if text.startswith((".", "/", "~")) or "/" in text or os.sep in text or text.endswith(".json"):
+        return ModelNotFoundError(f"{text}: no such file or folder. Check the path; --model takes a folder holding "
+                                  "config.json, a config.json path, a profile name or a cached hub id")
+    known = model_profiles()
+    return UnknownModelError(
+        f"unknown model {text!r}.{did_you_mean(text, known)} Known: {', '.join(known)}. Or pass a folder holding "
+        "config.json, a config.json path, or a hub id in the local Hugging Face cache")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, RunError
+from .errors import ModelNotFoundError, RunError, UnknownModelError, did_you_mean
 
 CACHE_ENV = "FALCONBENCH_CACHE"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,7 +66,7 @@ def get_zoo_model(name: str) -> ZooModel:
     """The zoo entry for `name`; raises with the known names otherwise."""
     model = ZOO.get(name.strip().lower())
     if model is None:
-        raise ModelNotFoundError(f"no bundled model named {name!r}. Known: {', '.join(ZOO)}")
+        raise UnknownModelError(f"no bundled model named {name!r}.{did_you_mean(name, ZOO)} Known: {', '.join(ZOO)}")
     return model
 
 

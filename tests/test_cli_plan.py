@@ -84,7 +84,7 @@ def test_hub_id_from_the_local_cache_only(invoke, tmp_path, monkeypatch):
     rows = json.loads(invoke("plan", "-m", "tiiuae/falcon-7b", "-f", "json").output)
     assert rows[0]["model"] == "tiiuae/falcon-7b" and rows[0]["kv_cache_bytes"] == 16_777_216
     missing = invoke("plan", "-m", "tiiuae/falcon-40b")
-    assert missing.exit_code != 0 and "never downloads" in missing.output
+    assert missing.exit_code == 3 and "nor a hub id in the local Hugging Face cache" in missing.output
 
 
 def one_line_error(result, *fragments):
@@ -128,7 +128,7 @@ def test_main_entry_point_prints_error_line_and_exit_code(capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--model", "nope"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("Error: unknown model 'nope'")
 
 

@@ -373,7 +373,7 @@ def test_csv_and_markdown(invoke):
     (("-d", "int3"), "Error: unknown dtype 'int3'"),
     (("-c", "0"), "Error: --context must be a positive integer"),
     (("--margin", "1"), "Error: margin must be a fraction"),
-    (("--calibrate", "/nonexistent/run"), "Error: cannot read /nonexistent/run"),
+    (("--calibrate", "/nonexistent/run"), "Error: /nonexistent/run: no such file or folder"),
 ])
 def test_bad_input_is_one_error_line(invoke, args, message):
     result = invoke("fit", "-m", "falcon-7b", *args)

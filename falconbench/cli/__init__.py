@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import FalconbenchError
+from ..errors import INTERRUPTED_EXIT_CODE, UNEXPECTED_EXIT_CODE, FalconbenchError, UsageError, did_you_mean
 
 # name -> (module, attribute, one-line help). Modules load lazily so `plan` never pays for `run`'s imports.
 COMMANDS = {
@@ -31,6 +31,17 @@ class FalconbenchClickError(click.ClickException):
         self.exit_code = error.exit_code
 
 
+class OneLineUsageError(click.ClickException):
+    """click's own usage errors (an unknown option, a value not among the choices) as one `Error:` line."""
+
+    exit_code = UsageError.exit_code
+
+    def __init__(self, error: click.UsageError):
+        message = error.format_message().rstrip(".")
+        where = error.ctx.command_path if error.ctx is not None else "falconbench"
+        super().__init__(f"{message}. See '{where} --help'")
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return [name for name in COMMANDS if self._available(name)]
@@ -50,11 +61,20 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            raise click.UsageError(f"no command {name!r}.{did_you_mean(name, self.list_commands(ctx))} Commands: "
+                                   f"{', '.join(self.list_commands(ctx))}", ctx)
+        return super().resolve_command(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FalconbenchError as error:
             raise FalconbenchClickError(error) from None
+        except click.UsageError as error:
+            raise OneLineUsageError(error) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,6 +96,9 @@ def main(argv=None) -> None:
     """Console-script entry point: the one place where unexpected exceptions are caught."""
     try:
         cli.main(args=argv, prog_name="falconbench", standalone_mode=False)
+    except click.UsageError as error:
+        OneLineUsageError(error).show()
+        sys.exit(UsageError.exit_code)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
@@ -83,10 +106,10 @@ def main(argv=None) -> None:
         sys.exit(exit_.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as error:  # noqa: BLE001 - the single catch-all, so users never see a traceback
         if os.environ.get("FALCONBENCH_DEBUG"):
             raise
         click.echo(f"Error: unexpected {type(error).__name__}: {error}. "
                    "Set FALCONBENCH_DEBUG=1 for the traceback and please report it.", err=True)
-        sys.exit(1)
+        sys.exit(UNEXPECTED_EXIT_CODE)

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Sequence
 
 import click
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from ..planner import ATTN_IMPLS, DEVICES
 from ..schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, KV_DTYPES, SCHEMES
 
@@ -154,23 +154,38 @@ def count_option(option: str, default: int, help: str) -> Callable:
                         callback=_counts(option, default), help=f"{help} Default: {default}.")
 
 
+class Choice(click.Choice):
+    """click.Choice, case-insensitive, whose error suggests the near miss: `--device cdua` → 'cuda'."""
+
+    def __init__(self, choices: Sequence[str]):
+        super().__init__(list(choices), case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as error:
+            flag = param.opts[-1] if param is not None else "value"
+            raise UsageError(f"{flag} {value!r} is not one of {', '.join(self.choices)}."
+                             f"{did_you_mean(str(value), self.choices)} Example: {flag} {self.choices[0]}") from error
+
+
 def kv_dtype_option() -> Callable:
-    return click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default=KV_DTYPE_AUTO, show_default=True,
+    return click.option("--kv-dtype", type=Choice(KV_DTYPE_CHOICES), default=KV_DTYPE_AUTO, show_default=True,
                         help="KV cache element type; auto: the scheme's compute dtype, as transformers allocates it.")
 
 
 def attn_option() -> Callable:
-    return click.option("--attn", "attn_impl", type=click.Choice(ATTN_IMPLS), default=DEFAULT_ATTN,
+    return click.option("--attn", "attn_impl", type=Choice(ATTN_IMPLS), default=DEFAULT_ATTN,
                         show_default=True, help="Attention kernel: eager materializes the score matrix.")
 
 
 def device_option() -> Callable:
-    return click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
+    return click.option("--device", type=Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
                         help="cuda counts the CUDA context; cpu plans or runs without one.")
 
 
 def format_option() -> Callable:
-    return click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+    return click.option("-f", "--format", "fmt", type=Choice(FORMATS), default="table", show_default=True,
                         help="table for people; json, csv and markdown for tools and documents.")
 
 
