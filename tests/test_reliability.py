@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 
 from falconbench import results as results_module  # noqa: E402
 from falconbench.cli import cli  # noqa: E402
-from falconbench.errors import ResultsError  # noqa: E402
+from falconbench.errors import ModelNotFoundError, ResultsError, RunError  # noqa: E402
 from falconbench.results import RESULTS_FILE, RunResult, append_result, read_results, write_atomic  # noqa: E402
 from falconbench.run import RunConfig, run_sweep  # noqa: E402
 from falconbench.run import orchestrator, worker  # noqa: E402
@@ -290,8 +290,9 @@ def test_resume_finishes_the_rest_once_and_reports_a_corrupt_line(interrupted, t
     assert [(r.dtype, r.status) for r in rows] == [(d, "ok") for d in DTYPES]  # the interrupted row is gone
     assert len({r.config_hash for r in rows}) == len(DTYPES)
     assert (out / RESULTS_FILE).read_text().splitlines()[0] == finished  # kept byte for byte
-    assert [(p.line, p.reason) for p in problems] == [(2, "not valid JSON (Unterminated string starting at); "
-                                                          "truncated write?")]
+    [problem] = problems  # the reason is whole: where the cut line stops, not a message cut short
+    assert problem.line == 2 and re.fullmatch(r"not valid JSON \(Unterminated string starting at: column \d+\); "
+                                              r"truncated write\?", problem.reason), problem.reason
     assert f"! skipped a line that is not a results row: {out / RESULTS_FILE}:2: not valid JSON" in result.output
     assert f"{out / RESULTS_FILE}:2: not valid JSON" in (out / "report.md").read_text()
     assert {"report.md", "report.csv", "report.html"} <= set(reported)  # each written whole, then renamed
@@ -495,7 +496,7 @@ def test_an_output_folder_that_refuses_writes_is_one_clear_error(tiny_falcon_con
         out, reason = tmp_path / "out", "Is a directory"
         (out / RESULTS_FILE).mkdir(parents=True)
     result = CliRunner().invoke(cli, run_args(tiny_falcon_config, out), catch_exceptions=False)
-    assert result.exit_code == 1
+    assert result.exit_code == RunError.exit_code
     assert one_error_line(result.output)
     assert f"Error: cannot write results into {out}: {reason}. Choose another --output" in result.output
 
@@ -517,7 +518,7 @@ def test_a_half_written_model_is_refused_before_any_worker(model_copy, tmp_path,
         handle.truncate(cut)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, run_args(model_copy, out, random_weights=False), catch_exceptions=False)
-    assert result.exit_code == 1 and one_error_line(result.output)
+    assert result.exit_code == RunError.exit_code and one_error_line(result.output)
     if keep == "half":
         assert f"Error: {weights} is truncated: {cut:,} of {full:,} bytes. The download or copy did not finish" \
             in result.output
@@ -526,12 +527,12 @@ def test_a_half_written_model_is_refused_before_any_worker(model_copy, tmp_path,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing folder", "Error: unknown model '{model}'"),
-    ("no config.json", "Error: {model} is a folder without a config.json"),
-    ("no weights", "Error: model: no safetensors weights in {model}. Pass --random-weights"),
+@pytest.mark.parametrize("damage, message, code", [
+    ("missing folder", "Error: {model}: no such file or folder", ModelNotFoundError.exit_code),
+    ("no config.json", "Error: {model} is a folder without a config.json", ModelNotFoundError.exit_code),
+    ("no weights", "Error: model: no safetensors weights in {model}. Pass --random-weights", RunError.exit_code),
 ])
-def test_a_missing_model_is_one_clear_error(model_copy, tmp_path, monkeypatch, damage, message):
+def test_a_missing_model_is_one_clear_error(model_copy, tmp_path, monkeypatch, damage, message, code):
     no_worker_may_start(monkeypatch)
     if damage == "missing folder":
         shutil.rmtree(model_copy)
@@ -539,7 +540,7 @@ def test_a_missing_model_is_one_clear_error(model_copy, tmp_path, monkeypatch, d
         (model_copy / ("config.json" if damage == "no config.json" else "model.safetensors")).unlink()
     result = CliRunner().invoke(cli, run_args(model_copy, tmp_path / "out", random_weights=False),
                                 catch_exceptions=False)
-    assert result.exit_code == 1 and one_error_line(result.output)
+    assert result.exit_code == code and one_error_line(result.output)
     assert message.format(model=model_copy) in result.output
 
 
@@ -682,7 +683,7 @@ def test_pickle_weights_are_refused_unless_allowed(pickle_only_model, tmp_path, 
     calls = capture_sweeps(monkeypatch)
     args = run_args(pickle_only_model, tmp_path / "out", random_weights=False)
     refused = CliRunner().invoke(cli, args)
-    assert refused.exit_code == 1 and one_error_line(refused.output)
+    assert refused.exit_code == RunError.exit_code and one_error_line(refused.output)
     assert ("holds only pickle-based weights (pytorch_model.bin), and loading them can run code from the file. "
             "Convert them to safetensors, or pass --allow-pickle") in refused.output
     assert calls == []
@@ -763,7 +764,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_falcon_dir):
 def test_a_hub_id_not_in_the_cache_is_refused_offline(hub_cache, tmp_path, monkeypatch):
     capture_sweeps(monkeypatch)
     result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--device", "cpu", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and one_error_line(result.output)
+    assert result.exit_code == ModelNotFoundError.exit_code and one_error_line(result.output)
     assert "someone/tiny-falcon is not in the local Hugging Face cache" in result.output
     assert "Pass --allow-downloads to fetch its config, safetensors weights and tokenizer" in result.output
     assert hub_cache == []
@@ -798,7 +799,7 @@ def test_a_failed_download_is_one_clear_error(hub_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     result = CliRunner().invoke(cli, ["run", "-m", "someone/tiny-falcon", "-d", "bf16", "--device", "cpu", "--allow-downloads",
                                       "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and one_error_line(result.output)
+    assert result.exit_code == ModelNotFoundError.exit_code and one_error_line(result.output)
     assert "Error: could not download someone/tiny-falcon from the Hugging Face hub (Cannot reach" in result.output
 
 
