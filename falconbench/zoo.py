@@ -8,9 +8,11 @@ conversion writes the state dict with safetensors itself. The folder then loads 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +24,7 @@ from .errors import ModelNotFoundError, RunError, UnknownModelError, did_you_mea
 CACHE_ENV = "FALCONBENCH_CACHE"
 WEIGHTS_FILE = "model.safetensors"
 PROVENANCE_FILE = "falconbench-source.json"
+CONVERSION_LOG = "conversion.log"  # what transformers said while converting (its progress bars are off)
 # NOTE: bf16 is what SmolLM2 was trained and published in; it halves the cache against fp32, and widening it to
 # fp16/fp32 at load time is exact for these weights, so every scheme starts from the same numbers.
 STORE_DTYPE = "bfloat16"
@@ -150,10 +153,11 @@ def convert_gguf(source: Path, dest: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    # NOTE: transformers dequantizes GGUF fastest into float32 (about 25 s against 40 s straight into bf16 here).
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     dest.mkdir(parents=True)
+    with library_output_into(dest / CONVERSION_LOG):
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        # NOTE: transformers dequantizes GGUF fastest into float32 (about 25 s against 40 s straight into bf16).
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     state = {key: tensor.to(getattr(torch, STORE_DTYPE)) for key, tensor in _untied_state_dict(model).items()}
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     config = model.config
@@ -165,6 +169,29 @@ def convert_gguf(source: Path, dest: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+
+
+@contextlib.contextmanager
+def library_output_into(log: Path):
+    """transformers' log lines into `log` and its progress bars off, for the duration: the CLI shows one status
+    line for the whole conversion instead of a tqdm line per update."""
+    from transformers.utils import logging as hf_logging
+
+    handler = logging.FileHandler(log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    library = logging.getLogger("transformers")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        handler.close()
+        hf_logging.enable_default_handler()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _untied_state_dict(model) -> dict:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from ..render.console import console, err_console
-
-MODELS_FORMATS = ("table", "json")
+from .options import format_option
 
 
 @click.group("models")
@@ -21,17 +20,17 @@ def models_group():
 
 
 @models_group.command("list")
-@click.option("-f", "--format", "fmt", type=click.Choice(MODELS_FORMATS), default="table", show_default=True)
+@format_option()
 def list_command(fmt):
     """The bundled profiles (configs) and bundled real models, with whether each real model is cached."""
     from ..render import models as render
     from ..zoo import list_models
 
     rows = list_models()
-    if fmt == "json":
-        click.echo(render.models_json(rows))
-    else:
+    if fmt == "table":
         console().print(render.models_table(rows))
+    else:
+        click.echo(render.FORMATTERS[fmt](rows), nl=fmt == "json")
 
 
 @models_group.command("get")
@@ -46,22 +45,30 @@ def get_command(name):
     Example:
       falconbench models get smollm2
     """
-    from ..zoo import ensure_model, get_zoo_model
+    from ..zoo import get_zoo_model
 
-    model = get_zoo_model(name)
-    announce_conversion(model.name)
-    fetched = ensure_model(model.name)
-    if fetched.converted:
-        err_console().print(f"Converted in {fetched.seconds:.1f} s.")
-    click.echo(str(fetched.folder))
+    click.echo(str(convert_bundled(get_zoo_model(name).name)))
 
 
-def announce_conversion(name: str) -> None:
-    """Say so before a bundled model is converted on its first use (it takes a while, once); `models get` and
-    `run -m NAME` both convert."""
-    from ..zoo import ZOO, cached_model_dir
+def convert_bundled(name: str):
+    """The cached folder of bundled model `name`, converted first (once) under one status line, the library's
+    own output going to the folder's conversion.log; None when `name` is no bundled model."""
+    from ..zoo import CONVERSION_LOG, ZOO, cached_model_dir, ensure_model
 
     model = ZOO.get(name.strip().lower())
-    if model is not None and cached_model_dir(model.name) is None:
-        err_console().print(f"Converting {model.gguf_file} from the {model.distribution} package into a cached "
-                            "folder (once; about 30 s on 2 cores)...", markup=False, highlight=False)
+    if model is None:
+        return None
+    if cached_model_dir(model.name) is not None:
+        return cached_model_dir(model.name)
+    out = err_console()
+    message = (f"Converting {model.gguf_file} from the {model.distribution} package into a cached folder (once; "
+               "about 30 s on 2 idle cores)")
+    if out.is_terminal:
+        with out.status(message + "..."):
+            fetched = ensure_model(model.name)
+    else:
+        out.print(message + "...", markup=False, highlight=False, soft_wrap=True)
+        fetched = ensure_model(model.name)
+    out.print(f"Converted in {fetched.seconds:.1f} s into {fetched.folder} (the libraries' output: "
+              f"{CONVERSION_LOG} there).", markup=False, highlight=False, soft_wrap=True)
+    return fetched.folder

@@ -106,9 +106,9 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
         err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
                             "permissions. Use it only for code you have read or trust.", style="bold red",
                             markup=False, highlight=False)
-    from .models import announce_conversion
+    from .models import convert_bundled
 
-    announce_conversion(model)
+    convert_bundled(model)  # once, under its own status line, before the sweep's progress starts
     progress = render.RunProgress()
     from ..run.orchestrator import terminate_as_interrupt
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..zoo import ModelListing
-from .console import Col, Grid, to_json
+from .console import Col, Grid, to_csv, to_json, to_markdown
 
 # Narrow terminals fold Kind, then Weights, under the name; the description wraps between words.
 COLUMNS = (Col("Name"), Col("Kind", priority=2), Col("Model", wrap=True), Col("Weights", priority=1))
@@ -21,3 +21,15 @@ def models_table(rows: Sequence[ModelListing]) -> Grid:
 
 def models_json(rows: Sequence[ModelListing]) -> str:
     return to_json([r.as_dict() for r in rows])
+
+
+def models_csv(rows: Sequence[ModelListing]) -> str:
+    return to_csv([r.as_dict() for r in rows])
+
+
+def models_markdown(rows: Sequence[ModelListing]) -> str:
+    return to_markdown(("Name", "Kind", "Model", "Weights", "Folder"),
+                       [[r.name, r.kind, r.description, r.weights, r.folder or ""] for r in rows])
+
+
+FORMATTERS = {"json": models_json, "csv": models_csv, "markdown": models_markdown}

@@ -23,30 +23,36 @@ STATUS_STYLE = {"ok": "green", "oom": "red", "error": "red", "interrupted": "yel
 
 
 class RunProgress:
-    """A progress bar over configurations, with the current configuration's phase, on stderr."""
+    """A progress bar over configurations, with the current configuration's phase, on stderr; where stderr is not
+    a terminal (a pipe, a log), one line per phase as it starts instead, so a log shows where the run is."""
 
     def __init__(self):
+        self.live = err_console().is_terminal
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=err_console(), transient=True)
         self.task = None
+        self.started = False  # the bar starts with the first event, so an early error prints nothing else
         self.output_dir = None  # the run's folder, once the sweep has said it
 
     def __enter__(self) -> "RunProgress":
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.__exit__(*exc)
 
     def __call__(self, event: Event) -> None:
         self.output_dir = event.output_dir or self.output_dir
         label = f"{event.config.dtype} ({event.index + 1}/{event.total})"
+        if self.live and not self.started:
+            self.progress.__enter__()
+            self.started = True
         if self.task is None:
             self.task = self.progress.add_task(label, total=event.total)
         if event.kind == "start":
-            self.progress.update(self.task, description=f"{label}: starting a fresh process")
+            self.phase(label, "starting a fresh process")
         elif event.kind == "phase":
-            self.progress.update(self.task, description=f"{label}: {event.phase}")
+            self.phase(label, event.phase)
         elif event.kind == "done" and event.row is not None:
             self.progress.advance(self.task)
             row = event.row
@@ -54,6 +60,12 @@ class RunProgress:
             detail = f": {escape(row.error)}" if row.error else ""
             resumed = " (already in the results file)" if event.resumed else ""
             self.progress.console.print(f"{row.dtype}: [{style}]{row.status}[/{style}]{resumed}{detail}")
+
+    def phase(self, label: str, phase: str) -> None:
+        if self.live:
+            self.progress.update(self.task, description=f"{label}: {phase}")
+        else:
+            self.progress.console.print(f"{label}: {phase}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _rate(value: float | None) -> str:
