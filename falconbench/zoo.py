@@ -149,6 +149,9 @@ def _convert_atomically(model: ZooModel, source: Path, final: Path) -> None:
 def convert_gguf(source: Path, dest: Path) -> None:
     """Dequantize a GGUF file with transformers and write a plain model folder (config, safetensors, tokenizer)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # NOTE: transformers' GGUF reader draws its own tqdm bar (a line per update in a log); tqdm reads TQDM_DISABLE
+    # when it is first imported, which in the CLI is here, so the CLI's one status line is all that shows.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
