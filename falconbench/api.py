@@ -35,12 +35,39 @@ def as_list(value: T | Iterable[T] | None, name: str) -> list[T]:
         raise UsageError(f"{name} must be a value or a list of them, got {type(value).__name__}") from None
 
 
+# Suffixes of token counts and batches: binary, as context lengths are spoken of (8k = 8192).
+COUNT_SUFFIXES = {"k": 2**10, "m": 2**20}
+
+
+MAX_DIGITS = 19  # 10^19 tokens is past any count a plan or a run can use; int() would take 4,300 digits, slowly
+
+
+def parse_count(value: int | str, label: str, example: str) -> int:
+    """A positive whole number of tokens or sequences: 2048, "2048", "8k", "32K", "1m"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raw = str(value).strip().lower()
+    scale = COUNT_SUFFIXES.get(raw[-1:], 1)
+    digits = raw[:-1] if scale > 1 else raw
+    # NOTE: isascii, as isdigit and int() also read other scripts' digits ('٣' is 3, '０8' is 8)
+    if isinstance(value, bool) or not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_DIGITS \
+            or int(digits) * scale <= 0:
+        shown = repr(str(value)) if len(str(value)) <= 40 else repr(str(value)[:40]) + "..."
+        raise UsageError(f"{label} must be a positive integer (8k = 8192), got {shown}. Example: {example}")
+    return int(digits) * scale
+
+
+def as_counts(value: int | str | Iterable[int | str] | None, name: str) -> list[int]:
+    """One count or a list of them (`8k` allowed), as positive integers."""
+    return [parse_count(v, name, f"{name}=[2048, \"8k\"]") for v in as_list(value, name)]
+
+
 def plan(models: str | Iterable[str] = SEED_MODELS, dtypes: str | Iterable[str] = ("bf16",),
          contexts: int | Iterable[int] = 2048, batches: int | Iterable[int] = 1, kv_dtype: str = KV_DTYPE_AUTO,
          attn_impl: str = "sdpa", device: str = "cuda") -> list[PlanRow]:
     """The cross product models × dtypes × contexts × batches, one PlanRow each (exact weights and KV bytes)."""
-    return planner.plan(as_list(models, "models"), as_list(dtypes, "dtypes"), as_list(contexts, "contexts"),
-                        as_list(batches, "batches"), kv_dtype=kv_dtype, attn_impl=attn_impl, device=device)
+    return planner.plan(as_list(models, "models"), as_list(dtypes, "dtypes"), as_counts(contexts, "contexts"),
+                        as_counts(batches, "batches"), kv_dtype=kv_dtype, attn_impl=attn_impl, device=device)
 
 
 @overload
@@ -57,8 +84,8 @@ def fit(models, dtypes: str | Iterable[str] = DEFAULT_DTYPES, contexts: int | It
     names = as_list(models, "models")
     if not names:
         raise UsageError("fit needs a model. Example: fit(\"falcon-7b\")")
-    results = [fit_model(name, dtypes=as_list(dtypes, "dtypes"), contexts=as_list(contexts, "contexts"),
-                            batches=as_list(batches, "batches"), gpus=as_list(gpus, "gpus") or None, margin=margin,
+    results = [fit_model(name, dtypes=as_list(dtypes, "dtypes"), contexts=as_counts(contexts, "contexts"),
+                            batches=as_counts(batches, "batches"), gpus=as_list(gpus, "gpus") or None, margin=margin,
                             calibrate=str(calibrate) if calibrate is not None else None, kv_dtype=kv_dtype,
                             attn_impl=attn_impl, device=device)
                for name in names]

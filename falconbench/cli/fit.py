@@ -58,6 +58,6 @@ def fit_command(models, dtypes, contexts, batches, kv_dtype, attn_impl, device, 
             for table in render.fit_tables(result):
                 out.print(table)
             for line in render.notes(result):
-                out.print(line, highlight=False, markup=False, soft_wrap=True)  # whole lines, to copy
+                out.print(line, highlight=False, markup=False)  # wrapped between words
     else:
         click.echo(render.FORMATTERS[fmt](results), nl=fmt == "json")

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Sequence
 
 import click
 
+from .. import api
 from ..errors import UsageError, did_you_mean
 from ..planner import ATTN_IMPLS, DEVICES
 from ..schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, KV_DTYPES, SCHEMES
@@ -22,10 +23,6 @@ DEFAULT_ATTN = "sdpa"
 KV_DTYPE_CHOICES: tuple[str, ...] = (KV_DTYPE_AUTO, *KV_DTYPES)
 DEFAULT_CONTEXT = 2048
 DEFAULT_BATCH = 1
-# Suffixes of token counts and batches: binary, as context lengths are spoken of (8k = 8192).
-COUNT_SUFFIXES = {"k": 2**10, "m": 2**20}
-
-
 def split_list(values: Iterable[str] | str | None) -> list[str]:
     """`-d bf16,int8 -d nf4` → ["bf16", "int8", "nf4"], order kept, duplicates dropped."""
     if values is None:
@@ -42,19 +39,8 @@ def split_list(values: Iterable[str] | str | None) -> list[str]:
 
 
 def parse_count(text: str, option: str, example: str) -> int:
-    """A positive whole number of tokens or sequences: `2048`, `8k`, `32K`, `1m`."""
-    raw = str(text).strip().lower()
-    scale = COUNT_SUFFIXES.get(raw[-1:], 1)
-    digits = raw[:-1] if scale > 1 else raw
-    # NOTE: isascii, as isdigit and int() also read other scripts' digits ('٣' is 3, '０8' is 8)
-    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_DIGITS or int(digits) * scale <= 0:
-        shown = repr(str(text)) if len(str(text)) <= 40 else repr(str(text)[:40]) + "..."
-        raise UsageError(f"--{option} must be a positive integer (8k = 8192), got {shown}. "
-                         f"Example: --{option} {example}")
-    return int(digits) * scale
-
-
-MAX_DIGITS = 19  # 10^19 tokens is past any count a plan or a run can use; int() would take 4,300 digits, slowly
+    """A positive whole number of tokens or sequences: `2048`, `8k`, `32K`, `1m` (one rule, the API's)."""
+    return api.parse_count(text, f"--{option}", f"--{option} {example}")
 
 
 class Whole(click.ParamType):
@@ -66,7 +52,7 @@ class Whole(click.ParamType):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         text = str(value).strip()
-        if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+        if not (text.isascii() and text.isdigit()) or len(text) > api.MAX_DIGITS:
             self.fail(f"must be a whole number written with the digits 0-9, got {str(value)[:40]!r}", param, ctx)
         return int(text)
 

