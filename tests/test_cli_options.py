@@ -1,6 +1,7 @@
 """The one vocabulary of options: every command spells, parses and defaults the shared options the same way."""
 
 import json
+from pathlib import Path
 
 import click
 import pytest
@@ -128,3 +129,16 @@ def test_run_parses_counts_and_lists_as_plan_does(invoke, captured_run, tmp_path
 def test_run_refuses_bad_shared_values_before_any_work(invoke, captured_run, args, message):
     result = invoke("run", "-m", "falcon-7b", "--random-weights", *args)
     assert result.exit_code == 2 and message in result.output and not captured_run, result.output
+
+
+@pytest.mark.parametrize("fmt, first_line", [("csv", "run,model,dtype"), ("markdown", "# ")])
+def test_run_formats_csv_and_markdown_are_the_reports_tables(fmt, first_line):
+    from types import SimpleNamespace
+
+    from falconbench import api
+    from falconbench.cli.run import machine_output
+
+    recorded = Path(__file__).parent / "data" / "smollm2-cpu"
+    rows, _ = api.read_results(recorded)
+    text = machine_output(fmt, SimpleNamespace(rows=rows, output_dir=recorded))
+    assert text.startswith(first_line) and all(dtype in text for dtype in ("bf16", "fp16", "int8", "nf4"))
