@@ -190,7 +190,9 @@ def model_not_found(text: str, hub_like: bool) -> ModelNotFoundError:
     if text.startswith((".", "/", "~")) or "/" in text or os.sep in text or text.endswith(".json"):
         return ModelNotFoundError(f"{text}: no such file or folder. Check the path; --model takes a folder holding "
                                   "config.json, a config.json path, a profile name or a cached hub id")
-    known = model_profiles()
+    from .zoo import ZOO  # noqa: PLC0415 - bundled real models resolve too (by their converted config)
+
+    known = model_profiles() + [name for name in ZOO if name not in model_profiles()]
     return UnknownModelError(
         f"unknown model {text!r}.{did_you_mean(text, known)} Known: {', '.join(known)}. Or pass a folder holding "
         "config.json, a config.json path, or a hub id in the local Hugging Face cache")
