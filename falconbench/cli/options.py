@@ -13,9 +13,11 @@ import click
 from .. import api
 from ..errors import UsageError, did_you_mean
 from ..planner import ATTN_IMPLS, DEVICES
+from ..render.console import FORMATS
 from ..schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, KV_DTYPES, SCHEMES
 
-FORMATS: tuple[str, ...] = ("table", "json", "csv", "markdown")
+# NOTE: cuda everywhere: plan and fit size a GPU, and `run` on a machine without one says to pass --device cpu
+# rather than quietly measuring the CPU.
 DEFAULT_DEVICE = "cuda"
 DEFAULT_ATTN = "sdpa"
 # NOTE: "auto" is the cache transformers allocates: the scheme's compute dtype (fp32 for fp32, 16-bit otherwise);
@@ -23,6 +25,8 @@ DEFAULT_ATTN = "sdpa"
 KV_DTYPE_CHOICES: tuple[str, ...] = (KV_DTYPE_AUTO, *KV_DTYPES)
 DEFAULT_CONTEXT = 2048
 DEFAULT_BATCH = 1
+
+
 def split_list(values: Iterable[str] | str | None) -> list[str]:
     """`-d bf16,int8 -d nf4` → ["bf16", "int8", "nf4"], order kept, duplicates dropped."""
     if values is None:
@@ -125,13 +129,13 @@ def dtype_option(default: Sequence[str] = DEFAULT_DTYPES, help: str = "") -> Cal
 
 
 def context_option(help: str = "Tokens in the KV cache (prompt + generated); 8k = 8192.") -> Callable:
-    return click.option("-c", "--context", "contexts", multiple=True, metavar="N[,N...]", callback=_counts("context", DEFAULT_CONTEXT),
-                        help=f"{help} Default: {DEFAULT_CONTEXT}.")
+    return click.option("-c", "--context", "contexts", multiple=True, metavar="N[,N...]",
+                        callback=_counts("context", DEFAULT_CONTEXT), help=f"{help} Default: {DEFAULT_CONTEXT}.")
 
 
 def batch_option(help: str = "Sequences per batch.") -> Callable:
-    return click.option("-b", "--batch", "batches", multiple=True, metavar="B[,B...]", callback=_counts("batch", DEFAULT_BATCH),
-                        help=f"{help} Default: {DEFAULT_BATCH}.")
+    return click.option("-b", "--batch", "batches", multiple=True, metavar="B[,B...]",
+                        callback=_counts("batch", DEFAULT_BATCH), help=f"{help} Default: {DEFAULT_BATCH}.")
 
 
 def count_option(option: str, default: int, help: str) -> Callable:
