@@ -15,14 +15,14 @@ def run_finetune_command(model, dtypes, device, repeats, warmup, batch, output, 
     from ..run.orchestrator import resolve_device
     from ..train.measure import StepSettings
     from ..train.sweep import run_finetune
-    from .models import announce_conversion
+    from .models import convert_bundled
 
     if fmt == "csv":
         raise UsageError("run --task finetune prints a table, json or markdown. Example: --format json")
     setups = setups_from_options(methods, dtypes, lora_r, lora_targets, seq_lens, [batch], optimizer,
                                  gradient_checkpointing)
     settings = StepSettings(steps=repeats, warmup=warmup, device=resolve_device(device))
-    announce_conversion(model)
+    convert_bundled(model)  # once, under its own status line
 
     def progress(row) -> None:
         err_console().print(f"  {row['planned']['method']} {row['dtype']} seq {row['planned']['seq_len']}: "
