@@ -393,7 +393,7 @@ def test_a_full_disk_stops_the_run_and_leaves_no_half_row(interrupted, tiny_falc
     process = start_cli(run_args(tiny_falcon_config, out, dtypes=["bf16", "fp16"]), cwd=tmp_path,
                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     _, stderr = process.communicate(timeout=WAIT_SECONDS)
-    assert process.returncode == 1, stderr
+    assert process.returncode == ResultsError.exit_code, stderr
     assert f"Error: cannot write {out / RESULTS_FILE}: File too large. Free some space" in stderr
     assert one_error_line(stderr)
     assert worker_starts(out) == 2 and statuses(out) == [("bf16", "ok")]
