@@ -29,7 +29,7 @@ pytest.importorskip("torch")
 from falconbench import __version__, fit, plan  # noqa: E402
 from falconbench.calibrate import read_calibration  # noqa: E402
 from falconbench.cli import cli  # noqa: E402
-from falconbench.errors import FalconbenchError, FolderBusyError  # noqa: E402
+from falconbench.errors import ConfigError, FalconbenchError, FolderBusyError, ResultsError, RunError  # noqa: E402
 from falconbench.fit import expand, pack  # noqa: E402
 from falconbench.report import load_comparison  # noqa: E402
 from falconbench.results import MAX_LINE_BYTES, RESULTS_FILE, SCHEMA_VERSION, read_results  # noqa: E402
@@ -79,8 +79,8 @@ def test_two_runs_started_together_on_one_folder_leave_one_row_per_configuration
     first, second = start_cli(args, tmp_path), start_cli(args, tmp_path)
     outputs = [p.communicate(timeout=WAIT_SECONDS * 2) for p in (first, second)]
     codes = sorted(p.returncode for p in (first, second))
-    assert codes == [0, 1], outputs
-    refused = next(err for (_, err), p in zip(outputs, (first, second)) if p.returncode == 1)
+    assert codes == [0, RunError.exit_code], outputs  # the folder is busy
+    refused = next(err for (_, err), p in zip(outputs, (first, second)) if p.returncode == RunError.exit_code)
     holder = next(p.pid for p in (first, second) if p.returncode == 0)
     assert f"is in use by another falconbench run (process {holder})" in refused
     rows, problems = read_results(out)
@@ -95,7 +95,7 @@ def test_a_second_run_is_refused_while_the_first_works_and_a_killed_ones_lock_ne
     wait_for(lambda: worker_starts(out) >= 1, "the first run's worker", first)
     second = start_cli(run_args(tiny_falcon_config, out, dtypes=["bf16", "fp16"]), tmp_path)
     _, err = second.communicate(timeout=WAIT_SECONDS)
-    assert second.returncode == 1 and err.strip() == (
+    assert second.returncode == RunError.exit_code and err.strip() == (
         f"Error: {out} is in use by another falconbench run (process {first.pid}). Wait for it to finish, or "
         "choose another --output")
     os.kill(first.pid, signal.SIGKILL)  # its lock goes with it
@@ -214,7 +214,7 @@ def test_long_lines_and_files_that_are_not_regular_are_refused(finished, tmp_pat
                  ["report", fifo]):
         done = subprocess.run([sys.executable, "-m", "falconbench", *map(str, args)], capture_output=True,
                               text=True, timeout=HANG_SECONDS, cwd=tmp_path)
-        assert done.returncode == 1 and "is not a regular file" in done.stderr, (args, done.stderr)
+        assert done.returncode == ResultsError.exit_code and "is not a regular file" in done.stderr, (args, done.stderr)
 
 
 # --- rows that can't be forged -----------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def test_empty_lists_and_odd_digits_are_refused(args, message):
 def test_oversized_integers_and_deep_nesting_in_config_json_are_named(tmp_path, config, message):
     (tmp_path / "config.json").write_text(config)
     result = invoke("plan", "-m", tmp_path)
-    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.exit_code == ConfigError.exit_code and message in result.output, result.output
 
 
 @pytest.mark.parametrize("offsets", [5, [0, None], [0, "abc"], [8, 4], [True, 8]])
@@ -430,7 +430,7 @@ def test_malformed_safetensors_offsets_are_one_clear_error(tiny_falcon_dir, tmp_
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
     result = invoke("run", "-m", folder, "--no-quality", *TINY, "-o", tmp_path / "out")
-    assert result.exit_code == 1 and "tensor 'w' has data_offsets" in result.output, result.output
+    assert result.exit_code == RunError.exit_code and "tensor 'w' has data_offsets" in result.output, result.output
 
 
 # --- exit codes ---------------------------------------------------------------------------------------------
