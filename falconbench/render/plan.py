@@ -38,8 +38,8 @@ def exactness_note(rows) -> str:
     limited = sorted({f"{r.model} {r.dtype}" for r in rows if r.limited_by_libraries})
     notes = []
     if estimates:
-        notes.append(f"~ ESTIMATE, not exact: {', '.join(estimates)} (no falconbench reader; install torch and "
-                     "transformers, pip install 'falconbench[run]', to lay it out exactly).")
+        notes.append(f"~ ESTIMATE, not exact: {', '.join(estimates)}; its warning says why and what makes it "
+                     "exact.")
     if limited:
         notes.append(f"† Exact, but limited by the libraries: {', '.join(limited)} keep fused MoE experts 16-bit "
                      "(bitsandbytes quantizes only nn.Linear; see Warnings).")
