@@ -22,7 +22,7 @@ def llama_shaped_estimate(fields: Fields, name: str, model_type: str) -> ArchSpe
     spec = decoders.llama(fields, name, model_type or "unknown")
     from ..layout import torch_available
 
-    hint = ("the installed transformers does not know this type either (a model with remote code?)"
+    hint = ("The installed transformers does not know this type either (a model with remote code?)"
             if torch_available() else "Install torch and transformers (pip install 'falconbench[run]') to lay it "
             "out exactly from transformers' own modules")
     warning = (f"model_type {model_type or '(none)'!r} has no falconbench reader: weights and KV cache are an "
