@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 
 # Planned as if this transformers major version is installed when none is: the current one.
 ASSUMED_TRANSFORMERS_MAJOR = 5
@@ -11,6 +10,8 @@ ASSUMED_TRANSFORMERS_MAJOR = 5
 
 @lru_cache(maxsize=None)
 def installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version  # 20 ms: only when a plan needs it
+
     try:
         return version(package)
     except PackageNotFoundError:
