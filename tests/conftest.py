@@ -47,3 +47,18 @@ def smollm2_dir():
     from falconbench import zoo
 
     return zoo.ensure_model("smollm2").folder
+
+
+@pytest.fixture
+def invoke(monkeypatch, request):
+    """Run the CLI in process, without colour, at 200 columns (or the test module's CLI_COLUMNS)."""
+    from click.testing import CliRunner
+
+    from falconbench.cli import cli
+    from falconbench.render.console import reset_consoles
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", str(getattr(request.module, "CLI_COLUMNS", 200)))
+    reset_consoles()
+    yield lambda *args: CliRunner().invoke(cli, list(args))
+    reset_consoles()

@@ -5,10 +5,8 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from falconbench.cli import cli
-from falconbench.render.console import reset_consoles
 
 COMMANDS = ("plan", "fit", "run")
 # option -> the commands that must take it (run measures prompt + new tokens, so it has no --context)
@@ -16,13 +14,6 @@ SHARED = {"--model": COMMANDS, "--dtype": COMMANDS, "--context": ("plan", "fit")
           "--kv-dtype": COMMANDS, "--attn": COMMANDS, "--device": COMMANDS, "--format": COMMANDS}
 
 
-@pytest.fixture
-def invoke(monkeypatch):
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    reset_consoles()
-    yield lambda *args: CliRunner().invoke(cli, list(args))
-    reset_consoles()
 
 
 def command(name: str) -> click.Command:

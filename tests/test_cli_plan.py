@@ -6,23 +6,10 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
 
 from falconbench.cli import cli
-from falconbench.render.console import reset_consoles
 
 
-@pytest.fixture
-def invoke(monkeypatch):
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    reset_consoles()
-
-    def run(*args):
-        return CliRunner().invoke(cli, list(args))
-
-    yield run
-    reset_consoles()
 
 
 def test_seed_table_shows_the_seed_kv_column(invoke):

@@ -4,13 +4,11 @@ import json
 from dataclasses import replace
 
 import pytest
-from click.testing import CliRunner
 
 from falconbench.cli import cli
 from falconbench.errors import UsageError
 from falconbench.finetune import (OPTIMIZERS, PEFT_DEFAULT_TARGETS, FinetuneSetup, full_tensor_sizes,
                                   plan_finetune_point, targeted_linears)
-from falconbench.render.console import reset_consoles
 from falconbench.results import RunResult, append_result, append_row, read_results
 from falconbench.sources import resolve_model
 from falconbench.spec import spec_from_config
@@ -19,13 +17,6 @@ from tiny_models import TINY_FALCON, TINY_LLAMA
 FALCON_7B = resolve_model("falcon-7b").spec()
 
 
-@pytest.fixture
-def invoke(monkeypatch):
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    reset_consoles()
-    yield lambda *args: CliRunner().invoke(cli, list(args))
-    reset_consoles()
 
 
 def test_default_targets_are_peft_s():

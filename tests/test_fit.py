@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +15,6 @@ from falconbench.fit import (Footprint, balanced_split, expand, fit, fit_row, la
                              pack, split_runs, usable_bytes)
 from falconbench.gpus import get_gpu, gpu_profiles
 from falconbench.planner import SAFETY_MARGIN, fits_on, kv_cache_bytes, plan_point, weights_bytes
-from falconbench.render.console import reset_consoles
 from falconbench.results import RunResult, append_result
 from falconbench.schemes import SCHEMES, get_scheme
 from falconbench.sources import model_profiles, resolve_model
@@ -303,17 +301,7 @@ def test_calibration_without_usable_rows_is_a_clear_error(tmp_path):
 
 # --- the command line ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def invoke(monkeypatch):
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "100")
-    reset_consoles()
-
-    def run(*args):
-        return CliRunner().invoke(cli, list(args))
-
-    yield run
-    reset_consoles()
+CLI_COLUMNS = 100  # the `invoke` fixture's terminal width (tests/conftest.py)
 
 
 def test_json_rows_carry_the_answers(invoke):
