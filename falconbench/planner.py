@@ -121,11 +121,17 @@ def layer_bytes(group: LayerGroup, scheme: Scheme) -> int:
     return stored + floating * scheme.float_bytes + group.fp32_params * FP32
 
 
+def linear_bytes(lin: Linear, scheme: Scheme, quantized: bool) -> int:
+    """One linear's bytes: its weight in the scheme's storage when bitsandbytes holds it, else at the float width;
+    its bias always at the float width."""
+    weight = (scheme.linear_weight_bytes(lin.in_features, lin.out_features) if quantized
+              else lin.in_features * lin.out_features * scheme.float_bytes)
+    return weight + (lin.out_features * scheme.float_bytes if lin.bias else 0)
+
+
 def outer_bytes(spec: ArchSpec, scheme: Scheme) -> tuple[int, int]:
     """(embeddings with any input/output projections, final norm + head) bytes: what sits outside the layers."""
-    extra = sum(scheme.linear_weight_bytes(lin.in_features, lin.out_features) if scheme.quantized
-                else lin.in_features * lin.out_features * scheme.float_bytes for lin in spec.extra_linears)
-    extra += sum(lin.out_features for lin in spec.extra_linears if lin.bias) * scheme.float_bytes
+    extra = sum(linear_bytes(lin, scheme, scheme.quantized) for lin in spec.extra_linears)
     head = spec.lm_head.params if spec.lm_head else 0  # a tied head is the embedding itself
     return spec.embedding_params * scheme.float_bytes + extra, (spec.final_norm_params + head) * scheme.float_bytes
 
@@ -148,9 +154,7 @@ def idle_expert_bytes(spec: ArchSpec, scheme: Scheme, batch: int = 1) -> int:
         for experts in group.experts:
             read = min(experts.num_experts, (experts.active or experts.num_experts) * batch)
             quantized = scheme.quantized and experts_quantized(experts.fused_since_v4)
-            one = sum((scheme.linear_weight_bytes(lin.in_features, lin.out_features) if quantized
-                       else lin.in_features * lin.out_features * scheme.float_bytes)
-                      + (lin.out_features * scheme.float_bytes if lin.bias else 0) for lin in experts.linears)
+            one = sum(linear_bytes(lin, scheme, quantized) for lin in experts.linears)
             idle += group.count * (experts.num_experts - read) * one
     return idle
 
