@@ -113,7 +113,7 @@ def captured_run(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_run(settings, on_event=None):
+    def fake_run(settings, on_event=None, report=False):
         calls.append(settings)
         raise SystemExit(0)
 

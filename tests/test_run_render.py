@@ -16,8 +16,12 @@ BANDWIDTH = {"copy_bandwidth": {"bytes_per_second": 10e9, "method": "torch copy_
 
 
 def row(dtype, status, settings=None, **fields):
-    return RunResult(model="tiny", dtype=dtype, status=status, device="cpu", settings={**SETTINGS, **(settings or {})},
-                     environment={"cpu": "Test CPU", **BANDWIDTH}, config_hash=f"{dtype}-{settings}", **fields)
+    from falconbench.results import settings_hash
+
+    settings = {**SETTINGS, **(settings or {})}
+    return RunResult(model="tiny", dtype=dtype, status=status, device="cpu", settings=settings,
+                     environment={"cpu": "Test CPU", **BANDWIDTH}, config_hash=settings_hash(dtype, settings),
+                     **fields)
 
 
 def plan(weights, kv, total, activations=2048, scores=0, logits=1024):
