@@ -89,12 +89,19 @@ def test_resume_runs_only_the_points_without_a_row(matrix, tmp_path, tiny_llama_
     assert len(rows) == 8 and {r.config_hash for r in rows} == {json.loads(l)["config_hash"] for l in lines}
 
 
-def test_an_out_of_memory_point_is_its_row_and_larger_points_are_skipped(tmp_path, tiny_llama_config):
+def test_an_out_of_memory_point_is_its_row_and_larger_points_are_skipped(tmp_path):
     """Under --memory-cap, eager attention's 8k × 8k score matrix cannot be allocated; the smaller points of the
     same load run, the 8k point is oom, and the point that needs at least as much is skipped, saying why."""
-    folder = tmp_path / "out"
-    run("-m", tiny_llama_config, "--random-weights", "-d", "bf16", "--attn", "eager", "--prompt-tokens", "8,8k", "-b", "1,2",
-        "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--memory-cap", "512M", "-o", folder)
+    from falconbench.errors import EXIT_FAILURE
+    from tiny_models import TINY_LLAMA, write_config
+
+    folder, model = tmp_path / "out", write_config(tmp_path / "long-llama", {**TINY_LLAMA,
+                                                                           "max_position_embeddings": 16384})
+    result = CliRunner().invoke(cli, ["run", "-m", str(model), "--random-weights", "-d", "bf16", "--attn", "eager",
+                                      "--prompt-tokens", "8,8k", "-b", "1,2", "--new-tokens", "2", "--repeats", "1",
+                                      "--warmup", "0", "--device", "cpu", "--memory-cap", "512M", "-o", str(folder)],
+                                catch_exceptions=False)
+    assert result.exit_code == EXIT_FAILURE, result.output  # a point ran out of memory: the run says so
     rows, _ = read_results(folder)
     by_shape = {(r.settings["prompt_tokens"], r.settings["batch"]): r for r in rows}
     assert len(loads_started(folder)) == 1

@@ -144,8 +144,9 @@ def check_up_front(configs: Sequence[RunConfig], source: ModelSource) -> None:
     from .config import check_against_model
 
     spec = source.spec()
-    for config in configs[:1]:  # every configuration of a sweep shares these settings
+    for config in configs:  # every point of the matrix must fit the model's positions
         check_against_model(config, spec)
+    for config in configs[:1]:  # every configuration of a sweep shares the quality settings
         if config.quality:
             quality = config.quality_spec()
             check_eval_text(quality)
