@@ -92,14 +92,24 @@ def fit(models, dtypes: str | Iterable[str] = DEFAULT_DTYPES, contexts: int | It
     return results[0] if isinstance(models, str) else results
 
 
-def run_benchmark(model: str, dtypes: str | Iterable[str] = DEFAULT_DTYPES, **options: Any):
-    """Measure `model` in each dtype, each in a fresh process; returns a RunOutcome whose `rows` are RunResults.
+def run_benchmark(model: str, dtypes: str | Iterable[str] = DEFAULT_DTYPES, prompt_tokens: int | Iterable[int] = 128,
+                  new_tokens: int | Iterable[int] = 32, batches: int | Iterable[int] = 1,
+                  attn_impls: str | Iterable[str] = "sdpa", on_event=None, **options: Any):
+    """Measure `model` at every point of dtypes × attention kernels × prompt lengths × new-token counts × batch
+    sizes, one fresh process per scheme and kernel; returns a RunOutcome whose `rows` are RunResults.
 
-    Options are `run`'s, spelled as Python names (device="cpu", output="reports/x", quality=False, ...).
+    The other options are `run`'s, spelled as Python names (device="cpu", output="reports/x", quality=False, ...);
+    they make one typed RunSettings.
     """
+    from .run import RunSettings
     from .run import run_benchmark as run_core
 
-    return run_core(model, as_list(dtypes, "dtypes"), **options)
+    settings = RunSettings(model=model, dtypes=tuple(as_list(dtypes, "dtypes")),
+                           attns=tuple(as_list(attn_impls, "attn_impls")),
+                           prompt_tokens=tuple(as_list(prompt_tokens, "prompt_tokens")),
+                           new_tokens=tuple(as_list(new_tokens, "new_tokens")),
+                           batches=tuple(as_list(batches, "batches")), **options)
+    return run_core(settings, on_event)
 
 
 def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[RunResult], list[ReadProblem]]:

@@ -7,7 +7,7 @@ report of a damaged or older file shows what is there and dashes for the rest.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,6 +43,9 @@ class SchemeRow:
     batch: int = 1
     kv_dtype: str = "bf16"
     cached_tokens: int | None = None  # tokens in the KV cache at the end of the run
+    attn: str | None = None  # attention kernel (sdpa, eager)
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
     weights_bytes: int | None = None
     kv_cache_bytes: int | None = None
     peak_memory_bytes: int | None = None
@@ -51,6 +54,9 @@ class SchemeRow:
     planned_total_bytes: int | None = None
     quantized_layers: int | None = None
     linear_layers: int | None = None
+    quantized_params: int | None = None  # weights bitsandbytes holds, of `params`
+    params: int | None = None
+    unquantized_blocks: tuple[tuple[str, int], ...] = ()  # large 16-bit blocks left in a quantized model
     load_seconds: float | None = None
     ttft_seconds: float | None = None
     ttft_spread: Spread | None = None
@@ -65,7 +71,20 @@ class SchemeRow:
     kl_p95: float | None = None
     top1_agreement: float | None = None  # fraction of positions whose argmax matches the reference
     divergence_position: int | None = None  # first greedy token that differs from the reference's
+    divergence_is_tie: bool = False  # the reference's top two logits tie there: the divergence is noise
     greedy_tokens: int | None = None
+    # the planner's runtime estimates, and what prefill and decode added beyond weights and KV cache
+    planned_activation_bytes: int | None = None
+    planned_attention_scores_bytes: int | None = None
+    planned_logits_bytes: int | None = None
+    measured_prefill_runtime_bytes: int | None = None  # may be < 0 on CPU: freed pages reused
+    measured_decode_runtime_bytes: int | None = None
+    ttft_p90: float | None = None
+    decode_token_p90: float | None = None
+    decode_token_cv: float | None = None
+    bandwidth_bytes_per_second: float | None = None  # the machine's copy bandwidth, as measured by the run
+    device: str | None = None
+    peak_source: str | None = None  # what the tracker read the peak from (NVML, torch, kernel RSS)
     reference: str | None = None
     model_paths: tuple[str, ...] = ()  # where else the model's config.json may be, for the planner
     model_config_sha256: str | None = None  # of the config the run measured, to check that a path still holds it
@@ -89,6 +108,30 @@ class SchemeRow:
         """Measured peak minus measured weights and KV cache; None when a part is missing or it comes out < 0."""
         return _remainder(self.peak_memory_bytes, self.weights_bytes, self.kv_cache_bytes)
 
+    @property
+    def planned_transient_bytes(self) -> int | None:
+        """The planner's estimate of what prefill adds: activations, attention scores, logits."""
+        parts = (self.planned_activation_bytes, self.planned_attention_scores_bytes, self.planned_logits_bytes)
+        return None if None in parts else sum(parts)
+
+    @property
+    def decode_bound_tokens_per_second(self) -> float | None:
+        """The memory-bandwidth bound of decoding at this point (see run/bandwidth.py)."""
+        from .run.bandwidth import decode_bound_tokens_per_second, decode_kv_bytes
+
+        if None in (self.bandwidth_bytes_per_second, self.weights_bytes, self.kv_cache_bytes, self.cached_tokens,
+                    self.prompt_tokens) or not self.bandwidth_bytes_per_second:
+            return None
+        kv = decode_kv_bytes(self.kv_cache_bytes, self.cached_tokens, self.prompt_tokens)
+        return decode_bound_tokens_per_second(self.bandwidth_bytes_per_second, self.weights_bytes, kv, self.batch)
+
+    @property
+    def bandwidth_share(self) -> float | None:
+        """Measured decode tokens/s as a share of the bandwidth bound."""
+        bound = self.decode_bound_tokens_per_second
+        rate = self.decode_tokens_per_second
+        return None if bound is None or rate is None else rate / bound
+
 
 
 @dataclass(frozen=True)
@@ -101,6 +144,8 @@ class RunInfo:
     device_name: str
     rows: int
     problems: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)  # the first row's, shared by the run
+    environment: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -120,12 +165,33 @@ class ContextCurve:
 
 
 @dataclass(frozen=True)
+class PointCurve:
+    """One load at one batch size: the planner's total against context on the run's own device, and the peaks
+    measured at the matrix's points (context = tokens cached at the end)."""
+
+    run: str
+    model: str
+    dtype: str
+    attn: str
+    batch: int
+    device: str
+    contexts: tuple[int, ...]
+    planned_bytes: tuple[int, ...]
+    measured: tuple[tuple[int, int], ...]  # (context, peak bytes) of each point that ran
+
+    def __post_init__(self):
+        if not self.contexts or len(self.contexts) != len(self.planned_bytes):
+            raise ValueError("a point curve needs one planned total per context, and at least one point")
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Everything a report shows, in raw units: runs, their rows, the planner's curves, and notes."""
 
     runs: tuple[RunInfo, ...]
     rows: tuple[SchemeRow, ...]
     curves: tuple[ContextCurve, ...] = ()
+    point_curves: tuple[PointCurve, ...] = ()
     capacity_gpus: tuple[GPU, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -161,15 +227,32 @@ def scheme_row(run: str, result: RunResult, folder: Path | None = None) -> Schem
     """The report's view of one results row; values of the wrong type are dropped, not trusted."""
     settings = as_mapping(result.settings)
     batch = _int(settings.get("batch")) or 1
+    plan, memory, latency = as_mapping(result.plan), as_mapping(result.memory), as_mapping(result.latency)
+    bandwidth = as_mapping(as_mapping(result.environment).get("copy_bandwidth")).get("bytes_per_second")
     return SchemeRow(
         run=run, model=str(result.model), dtype=str(result.dtype), status=result.status,
         error=str(result.error) if result.error else None, batch=batch,
         kv_dtype=str(settings.get("kv_dtype") or "bf16"), cached_tokens=_int(settings.get("cached_tokens")),
+        attn=str(settings["attn_impl"]) if settings.get("attn_impl") else None,
+        prompt_tokens=_int(settings.get("prompt_tokens")), new_tokens=_int(settings.get("new_tokens")),
+        planned_activation_bytes=_int(plan.get("activation_bytes")),
+        planned_attention_scores_bytes=_int(plan.get("attention_scores_bytes")),
+        planned_logits_bytes=_int(plan.get("logits_bytes")),
+        measured_prefill_runtime_bytes=_signed_int(memory.get("prefill_runtime_bytes")),
+        measured_decode_runtime_bytes=_signed_int(memory.get("decode_runtime_bytes")),
+        ttft_p90=as_float(as_mapping(latency.get("ttft_seconds")).get("p90")),
+        decode_token_p90=as_float(as_mapping(latency.get("decode_token_seconds")).get("p90")),
+        decode_token_cv=as_float(as_mapping(latency.get("decode_token_seconds")).get("cv")),
+        bandwidth_bytes_per_second=as_float(bandwidth), device=str(result.device),
+        peak_source=memory["peak_source"] if isinstance(memory.get("peak_source"), str) else None,
         weights_bytes=_int(result.weights_bytes), kv_cache_bytes=_int(result.kv_cache_bytes),
         peak_memory_bytes=_int(result.peak_memory_bytes), planned_weights_bytes=_int(result.planned_weights_bytes),
         planned_kv_cache_bytes=_int(result.planned_kv_cache_bytes),
         planned_total_bytes=_int(result.planned_total_bytes), quantized_layers=_int(result.quantized_layers),
         linear_layers=_int(result.linear_layers), load_seconds=as_float(result.load_seconds),
+        quantized_params=_int(result.quantized_params), params=_int(result.params),
+        unquantized_blocks=tuple((str(b[0]), b[1]) for b in memory.get("unquantized_blocks") or ()
+                                 if isinstance(b, list) and len(b) == 2 and _int(b[1]) is not None),
         perplexity=as_float(result.perplexity), kl_divergence=as_float(result.kl_divergence),
         top1_agreement=as_float(result.top1_agreement), model_paths=_model_paths(settings, folder),
         model_config_sha256=as_mapping(settings.get("model_source")).get("config_sha256"),
@@ -204,6 +287,7 @@ def _quality_fields(quality: dict[str, Any]) -> dict[str, Any]:
     return dict(perplexity_change=change,
                 perplexity_change_ci=interval if interval and interval[0] <= interval[1] else None,
                 kl_p95=as_float(quality.get("kl_p95")), divergence_position=_int(quality.get("divergence_position")),
+                divergence_is_tie=quality.get("divergence_is_tie") is True,
                 greedy_tokens=_int(quality.get("greedy_tokens")),
                 reference=str(quality["reference"]) if quality.get("reference") else None)
 
@@ -249,6 +333,13 @@ def _spread(low: float, high: float, kind: str) -> Spread | None:
     if not (math.isfinite(low) and math.isfinite(high)) or not 0 <= low <= high:
         return None
     return Spread(low, high, kind)
+
+
+def _signed_int(value: Any) -> int | None:
+    """An integer that may be negative (a difference of two measurements)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
 
 
 def _int(value: Any) -> int | None:

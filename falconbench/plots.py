@@ -40,7 +40,8 @@ def draw_plots(comparison: "Comparison") -> tuple[dict[str, bytes], tuple[str, .
     for name, draw, why in PLOTS:
         figure = draw(comparison)
         if figure is None:
-            notes.append(f"{name} skipped: {why}")
+            if why:  # a plot of the matrix is no loss to a run of one shape per scheme: no note for it
+                notes.append(f"{name} skipped: {why}")
         else:
             images[name] = png_bytes(figure)
     return images, tuple(notes)
@@ -79,7 +80,10 @@ def _runs_with_rows(comparison: "Comparison") -> list:
 
 
 def _scheme_axis(ax: "Axes", rows: Sequence["SchemeRow"]) -> None:
-    ax.set_xticks(range(len(rows)), [r.dtype for r in rows])
+    """A bar per row, named by its scheme, and by its shape where the rows are points of a matrix."""
+    shaped = len({(r.attn, r.prompt_tokens, r.new_tokens, r.batch) for r in rows}) > 1
+    ax.set_xticks(range(len(rows)), [f"{r.dtype}\n{r.prompt_tokens}×{r.batch}" if shaped else r.dtype
+                                     for r in rows], fontsize=7 if shaped else None)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -317,11 +321,86 @@ def _log_axes(ax: "Axes", comparison: "Comparison") -> None:
     ax.grid(which="major", alpha=0.3)
 
 
+BATCH_STYLES = ("-", "--", ":", "-.")
+ATTN_MARKERS = {"sdpa": "o", "eager": "s"}
+
+
+def matrix_memory_figure(comparison: "Comparison") -> "Figure | None":
+    """Per scheme, the planner's total against context (a line per attention kernel and batch) and the peak
+    measured at each point of the matrix (markers on it)."""
+    curves = comparison.point_curves
+    if not curves:
+        return None
+    schemes = list(dict.fromkeys(c.dtype for c in curves))
+    figure = _figure(max(6.4, 4.2 * len(schemes)), 4.6)
+    axes = figure.subplots(1, len(schemes), squeeze=False, sharey=True)[0]
+    largest = max(max(c.planned_bytes + tuple(b for _, b in c.measured)) for c in curves)
+    unit, size = byte_unit(largest)
+    batches = sorted({c.batch for c in curves})
+    for ax, dtype in zip(axes, schemes):
+        for curve in (c for c in curves if c.dtype == dtype):
+            style = BATCH_STYLES[batches.index(curve.batch) % len(BATCH_STYLES)]
+            marker = ATTN_MARKERS.get(curve.attn, "D")
+            label = f"{curve.attn}, batch {curve.batch}" + (f" ({curve.run})" if comparison.several_runs else "")
+            ax.plot(curve.contexts, [b / size for b in curve.planned_bytes], style, color=scheme_color(dtype),
+                    alpha=0.7, label=f"planned: {label}")
+            ax.plot([c for c, _ in curve.measured], [b / size for _, b in curve.measured], marker, linestyle="none",
+                    color=scheme_color(dtype), markeredgecolor="#222222", label=f"measured: {label}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({c for curve in curves for c, _ in curve.measured})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(dtype, fontsize=10)
+        ax.set_xlabel("context: tokens cached (log scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    axes[0].set_ylabel(f"memory ({unit}): planned total, measured peak")
+    devices = ", ".join(sorted({c.device for c in curves}))
+    figure.suptitle(f"Measured peak at each point over the planned total ({devices}), by scheme")
+    return figure
+
+
+def scaling_figure(comparison: "Comparison") -> "Figure | None":
+    """TTFT against prompt length and decode tokens/s against batch size, a line per load and other axis."""
+    rows = [r for r in comparison.rows if r.status == "ok" and r.prompt_tokens and r.ttft_seconds is not None]
+    prompts, batches = sorted({r.prompt_tokens for r in rows}), sorted({r.batch for r in rows})
+    if len(prompts) < 2 and len(batches) < 2:
+        return None
+    figure = _figure(11.0, 4.4)
+    left, right = figure.subplots(1, 2)
+    several = comparison.several_runs
+    for axis, x_of, other, others, ax in (("prompt", lambda r: r.prompt_tokens, "batch", batches, left),
+                                          ("batch", lambda r: r.batch, "prompt", prompts, right)):
+        y_of = (lambda r: r.ttft_seconds * 1e3) if axis == "prompt" else (lambda r: r.decode_tokens_per_second)
+        other_of = (lambda r: r.batch) if axis == "prompt" else (lambda r: r.prompt_tokens)
+        for run, dtype, attn, value in dict.fromkeys((r.run, r.dtype, r.attn, other_of(r)) for r in rows):
+            line = sorted((x_of(r), y_of(r)) for r in rows if (r.run, r.dtype, r.attn, other_of(r)) ==
+                          (run, dtype, attn, value) and y_of(r) is not None)
+            label = f"{dtype} {attn} {other} {value}" + (f" ({run})" if several else "")
+            ax.plot(*zip(*line), BATCH_STYLES[others.index(value) % len(BATCH_STYLES)],
+                    marker=ATTN_MARKERS.get(attn, "D"), color=scheme_color(dtype), label=label)
+        ticks = prompts if axis == "prompt" else batches
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
+    for ax, xlabel, ylabel, title in ((left, "prompt tokens (log scale)", "TTFT (ms)", "Time to first token"),
+                                      (right, "batch (log scale)", "decode tokens / s", "Decode throughput")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    figure.suptitle("Latency and throughput against context and batch (medians)")
+    return figure
+
+
 # (file, draw, why a plot can be missing); each draw returns None when there is nothing to draw.
 PLOTS: tuple[tuple[str, Callable[["Comparison"], "Figure | None"], str], ...] = (
     ("memory.png", memory_figure, "no row has planned or measured memory"),
     ("latency.png", latency_figure, "no row measured latency or throughput"),
     ("quality.png", quality_figure, "no quality was measured (perplexity, KL, top-1)"),
     ("context.png", context_figure, "the planner could not resolve the runs' model"),
+    ("matrix-memory.png", matrix_memory_figure, ""),  # drawn when a load measured two or more contexts
+    ("scaling.png", scaling_figure, ""),  # drawn for two or more prompt lengths or batch sizes
 )
 PLOT_FILES = tuple(name for name, _, _ in PLOTS)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .comparison import Comparison, ContextCurve, RunInfo, SchemeRow, scheme_row
+from .comparison import Comparison, ContextCurve, PointCurve, RunInfo, SchemeRow, scheme_row
 from .errors import FalconbenchError, ResultsError
 from .gpus import GPU, gpu_profiles
 from .plots import PLOT_FILES
-from .results import RESULTS_FILE, RunResult, environment_name, latest_rows, read_results, write_atomic
+from .results import RESULTS_FILE, RunResult, as_mapping, environment_name, latest_rows, read_results, write_atomic
 
 REPORT_FILES = ("report.md", "report.csv", "report.html")
 # GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
@@ -49,25 +49,38 @@ def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
     if not run_dirs:
         raise ResultsError("no run folder given. Pass the folder that `falconbench run` wrote")
     paths = [Path(d) for d in run_dirs]
-    names = _run_names(paths)
-    runs, rows = [], []
-    for path, name in zip(paths, names):
+    runs = []
+    for path, name in zip(paths, _run_names(paths)):
         results, problems = read_results(path)
-        results = latest_rows(results)
-        lines = [f"invalid row skipped: {p}" for p in problems]
-        shown = _scheme_rows(name, results, _run_folder(path), lines)
+        runs.append((name, str(path), _run_folder(path), latest_rows(results),
+                     [f"invalid row skipped: {p}" for p in problems]))
+    return comparison_of(runs)
+
+
+RunRows = tuple  # (name, label of its folder, folder, rows, problem lines)
+
+
+def comparison_of(runs: Sequence[RunRows]) -> Comparison:
+    """One Comparison of runs given as their rows (read from files, or straight from a sweep)."""
+    infos, rows = [], []
+    for name, label, folder, results, lines in runs:
+        lines = list(lines)
+        shown = in_matrix_order(_scheme_rows(name, results, Path(folder), lines))
         if not shown:
-            lines.append(f"{_results_path(path)}: no valid row")
+            lines.append(f"{_results_path(Path(folder))}: no valid row")
         device = _device_name(results)
-        runs.append(RunInfo(name, f"{name} ({device})" if device else name, str(path), device, len(shown),
-                            tuple(lines)))
+        first = results[0] if results else None
+        infos.append(RunInfo(name, f"{name} ({device})" if device else name, label, device, len(shown),
+                             tuple(lines), as_mapping(first.settings) if first else {},
+                             as_mapping(first.environment) if first else {}))
         rows += shown
     if not rows:
-        detail = "; ".join(p for run in runs for p in run.problems)
-        raise ResultsError(f"no valid results row in {', '.join(map(str, paths))} ({detail}). Pass the folder of "
-                           "a run that finished at least one configuration, or rerun `falconbench run`")
+        detail = "; ".join(p for run in infos for p in run.problems)
+        raise ResultsError(f"no valid results row in {', '.join(run[1] for run in runs)} ({detail}). Pass the "
+                           "folder of a run that finished at least one configuration, or rerun `falconbench run`")
     curves, notes = context_curves(rows)
-    return Comparison(tuple(runs), tuple(rows), curves, capacity_gpus([r.device_name for r in runs]), notes)
+    return Comparison(tuple(infos), tuple(rows), curves, point_curves(rows),
+                      capacity_gpus([r.device_name for r in infos]), notes)
 
 
 def _scheme_rows(name: str, results: Sequence[RunResult], folder: Path, lines: list[str]) -> list[SchemeRow]:
@@ -79,6 +92,15 @@ def _scheme_rows(name: str, results: Sequence[RunResult], folder: Path, lines: l
         except (ValueError, TypeError, ArithmeticError) as exc:
             lines.append(f"invalid row skipped: {folder / RESULTS_FILE}: {result.model} {result.dtype}: {exc}")
     return rows
+
+
+def in_matrix_order(rows: Sequence[SchemeRow]) -> list[SchemeRow]:
+    """Rows by scheme (first seen first: the reference), attention kernel, batch, prompt, new tokens: the same
+    order whether read back from the file (in order of completion) or taken from the sweep."""
+    dtypes = list(dict.fromkeys(r.dtype for r in rows))
+    attns = list(dict.fromkeys(r.attn for r in rows))
+    return sorted(rows, key=lambda r: (dtypes.index(r.dtype), attns.index(r.attn), r.batch, r.prompt_tokens or 0,
+                                       r.new_tokens or 0))
 
 
 def _results_path(path: Path) -> Path:
@@ -136,6 +158,36 @@ def context_curves(rows: Sequence[SchemeRow]) -> tuple[tuple[ContextCurve, ...],
             curves.append(ContextCurve(model, dtype, batch, contexts, totals, spec.max_positions))
     order = [(r.model, r.dtype) for r in rows]
     return tuple(sorted(curves, key=lambda c: order.index((c.model, c.dtype)))), tuple(notes)
+
+
+def point_curves(rows: Sequence[SchemeRow]) -> tuple[PointCurve, ...]:
+    """For each load and batch that measured two or more contexts: the planner's total on the run's device from
+    half the shortest to twice the longest context measured, and the measured peaks."""
+    from .planner import plan_point
+    from .schemes import get_scheme
+
+    keys = dict.fromkeys((r.run, r.model, r.dtype, r.attn or "sdpa", r.batch, r.device or "cpu", r.kv_dtype)
+                         for r in rows)
+    curves = []
+    for run, model, dtype, attn, batch, device, kv_dtype in keys:
+        same = [r for r in rows if (r.run, r.model, r.dtype, r.attn or "sdpa", r.batch, r.device or "cpu") ==
+                (run, model, dtype, attn, batch, device) and r.status == "ok" and r.cached_tokens
+                and r.peak_memory_bytes is not None]
+        measured = tuple(sorted((r.cached_tokens, r.peak_memory_bytes) for r in same))
+        if len({c for c, _ in measured}) < 2:
+            continue
+        spec, _ = _model_spec([p for r in same for p in r.model_paths] + [model], same[0].model_config_sha256)
+        if spec is None:
+            continue
+        low, high = measured[0][0] // 2, measured[-1][0] * 2
+        contexts = sorted({2**k for k in range(max(low, 1).bit_length(), high.bit_length())} | {c for c, _ in measured})
+        try:
+            planned = tuple(plan_point(spec, get_scheme(dtype), c, batch, kv_dtype, attn, device).total_bytes
+                            for c in contexts)
+        except FalconbenchError:
+            continue
+        curves.append(PointCurve(run, model, dtype, attn, batch, device, tuple(contexts), planned, measured))
+    return tuple(curves)
 
 
 def _model_spec(candidates: Sequence[str], config_sha256: str | None):

@@ -23,9 +23,10 @@ from .errors import NotFoundError, ResultsError
 Status = Literal["ok", "oom", "error", "interrupted", "skipped"]
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "interrupted", "skipped")
 RESULTS_FILE = "results.jsonl"
-# NOTE: 2 adds falconbench_version; rows of schema 1 read the same (the field is empty)
-SCHEMA_VERSION = 2
-KNOWN_SCHEMAS = (1, 2)
+# NOTE: 2 adds falconbench_version; 3: one row per shape point of the run matrix, the plan in its own field (rows of
+# schemas 1 and 2 read with their planned_* figures as their plan)
+SCHEMA_VERSION = 3
+KNOWN_SCHEMAS = (1, 2, 3)
 MAX_LINE_BYTES = 2**20  # a row is a few KiB; a longer line is not one, and reading it whole could exhaust memory
 
 
@@ -46,10 +47,9 @@ class RunResult:
     kv_cache_bytes: int | None = None
     peak_memory_bytes: int | None = None  # CUDA: NVML used − baseline; CPU: peak RSS − baseline
     memory: dict[str, Any] = field(default_factory=dict)  # per-phase detail (torch allocated/reserved, RSS...)
-    # memory, planned
-    planned_weights_bytes: int | None = None
-    planned_kv_cache_bytes: int | None = None
-    planned_total_bytes: int | None = None
+    # the planner's figures for this point, in its own field: PlanRow.as_dict() (weights, KV cache, each runtime
+    # estimate, total), so every estimate is there to compare with what was measured
+    plan: dict[str, Any] = field(default_factory=dict)
     # quantization guard
     quantized_layers: int | None = None
     linear_layers: int | None = None
@@ -73,6 +73,17 @@ class RunResult:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {self.status!r}")
 
+    @property
+    def planned_weights_bytes(self) -> int | None:
+        return as_mapping(self.plan).get("weights_bytes")
+
+    @property
+    def planned_kv_cache_bytes(self) -> int | None:
+        return as_mapping(self.plan).get("kv_cache_bytes")
+
+    @property
+    def planned_total_bytes(self) -> int | None:
+        return as_mapping(self.plan).get("total_bytes")
     def expected_hash(self) -> str:
         """The configuration hash this row's own dtype and settings give (see settings_hash)."""
         return settings_hash(self.dtype, self.settings)
@@ -82,7 +93,8 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunResult":
-        """A row from its JSON form; unknown keys are ignored, missing required ones raise ValueError."""
+        """A row from its JSON form; unknown keys are ignored, missing required ones raise ValueError. A row of
+        schema 1 (the plan's three figures as planned_* fields) reads with those figures as its plan."""
         if not isinstance(data, dict):
             raise ValueError(f"a row must be a JSON object, not {type(data).__name__}")
         known = {f.name: f.type for f in fields(cls)}
@@ -95,11 +107,17 @@ class RunResult:
         if values.get("schema", SCHEMA_VERSION) not in KNOWN_SCHEMAS:
             raise ValueError(f"schema {values['schema']!r} is not one this falconbench reads "
                              f"({', '.join(map(str, KNOWN_SCHEMAS))}); a newer falconbench wrote it?")
+        if "plan" not in data:
+            values["plan"] = {name: data[f"planned_{name}"] for name in LEGACY_PLAN_FIELDS
+                              if f"planned_{name}" in data}
         row = cls(**values)
         if row.config_hash and row.config_hash != row.expected_hash():
             raise ValueError(f"its {row.dtype} settings hash to {row.expected_hash()}, not to its config_hash "
                              f"{row.config_hash}: the row was edited")
         return row
+
+
+LEGACY_PLAN_FIELDS = ("weights_bytes", "kv_cache_bytes", "total_bytes")
 
 
 # What a field read from a file may hold, by its annotation: JSON numbers for the numeric ones (bool excluded).

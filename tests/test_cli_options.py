@@ -9,9 +9,10 @@ import pytest
 from falconbench.cli import cli
 
 COMMANDS = ("plan", "fit", "run")
-# option -> the commands that must take it (run measures prompt + new tokens, so it has no --context)
+# option -> the commands that must take it (run measures prompt + new tokens, so it has no --context; its --attn
+# takes a list, the matrix's attention-kernel axis, checked below)
 SHARED = {"--model": COMMANDS, "--dtype": COMMANDS, "--context": ("plan", "fit"), "--batch": COMMANDS,
-          "--kv-dtype": COMMANDS, "--attn": COMMANDS, "--device": COMMANDS, "--format": COMMANDS}
+          "--kv-dtype": COMMANDS, "--attn": ("plan", "fit"), "--device": COMMANDS, "--format": COMMANDS}
 
 
 
@@ -41,7 +42,17 @@ def test_the_formats_are_the_same_four_everywhere():
     for name in COMMANDS:
         assert list(option(name, "--format").type.choices) == ["table", "json", "csv", "markdown"]
         assert option(name, "--device").default == "cuda"
-        assert option(name, "--kv-dtype").default == "auto" and option(name, "--attn").default == "sdpa"
+        assert option(name, "--kv-dtype").default == "auto"
+    assert option("plan", "--attn").default == option("fit", "--attn").default == "sdpa"
+
+
+def test_run_takes_a_list_of_attention_kernels_with_the_same_choices():
+    attn = option("run", "--attn")
+    assert attn.multiple and attn.metavar == "A[,A...]"
+    assert attn.process_value(click.Context(command("run")), ("sdpa,eager",)) == ["sdpa", "eager"]
+    assert attn.process_value(click.Context(command("run")), ()) == [option("plan", "--attn").default]
+    with pytest.raises(Exception, match="not an attention kernel"):
+        attn.process_value(click.Context(command("run")), ("flash",))
 
 
 def test_fit_takes_a_comma_list_of_models_and_answers_each(invoke):
@@ -89,13 +100,13 @@ def test_errors_give_an_example_of_the_option_that_was_wrong(invoke, name, args,
 
 @pytest.fixture
 def captured_run(monkeypatch, tmp_path):
-    """`run`'s options as they reach the API, with no sweep started."""
+    """`run`'s options as they reach the core: one typed RunSettings, with no sweep started."""
     import falconbench.run as run_package
 
     calls = []
 
-    def fake_run(model, dtypes, **options):
-        calls.append((model, dtypes, options))
+    def fake_run(settings, on_event=None, report=False):
+        calls.append(settings)
         raise SystemExit(0)
 
     monkeypatch.setattr(run_package, "run_benchmark", fake_run)
@@ -104,12 +115,13 @@ def captured_run(monkeypatch, tmp_path):
 
 def test_run_parses_counts_and_lists_as_plan_does(invoke, captured_run, tmp_path):
     result = invoke("run", "-m", "falcon-7b", "--random-weights", "-d", "bf16,int8", "-d", "nf4", "--device", "cpu",
-                    "--prompt-tokens", "1k", "--new-tokens", "32", "-b", "2", "--attn", "eager", "-o", str(tmp_path))
+                    "--prompt-tokens", "1k,2k", "--new-tokens", "32", "-b", "2,8", "--attn", "eager",
+                    "-o", str(tmp_path))
     assert result.exit_code == 0, result.output
-    [(model, dtypes, options)] = captured_run
-    assert (model, dtypes) == ("falcon-7b", ["bf16", "int8", "nf4"])
-    assert (options["prompt_tokens"], options["batch"], options["attn_impl"], options["device"]) == (1024, 2, "eager",
-                                                                                                      "cpu")
+    [settings] = captured_run
+    assert (settings.model, settings.dtypes) == ("falcon-7b", ("bf16", "int8", "nf4"))
+    assert (settings.prompt_tokens, settings.batches, settings.attns, settings.device) == ((1024, 2048), (2, 8),
+                                                                                          ("eager",), "cpu")
 
 
 @pytest.mark.parametrize("args, message", [

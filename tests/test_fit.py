@@ -328,7 +328,7 @@ def test_table_shows_marks_headroom_splits_and_the_recommendation(invoke):
     lines = [line for line in out.splitlines() if line.startswith("│")]
     assert [c.strip() for c in lines[0].split("│")[1:-1]] == ["T4", "✗ x7 GPUs", "✗ x2 GPUs"]
     a100 = [c.strip() for c in lines[4].split("│")[1:-1]]
-    assert a100[0] == "A100-40GB" and a100[1] == "✗ x3 GPUs" and a100[2] == "✓ 14.47 GiB free"
+    assert a100[0] == "A100-40GB" and a100[1] == "✗ x3 GPUs" and a100[2] == "✓ 14.41 GiB free"
     assert "no bf16: use fp16" in out and "no bf16: fp16 compute" in out
     assert "Recommendation (context 2,048, batch 1): A100-40GB in nf4" in out
     assert "quality" not in out  # only with --calibrate

@@ -19,7 +19,9 @@ sys.path.insert(0, str(ROOT / ".ci"))
 import readme  # noqa: E402  (.ci/readme.py: the README's blocks, for CI and for these tests)
 
 from falconbench import api  # noqa: E402
-from falconbench.render.run import run_tables  # noqa: E402
+from falconbench.render.report import report_tables  # noqa: E402
+from falconbench.render.rows import caption_lines  # noqa: E402
+from falconbench.report import load_comparison  # noqa: E402
 
 RUN_DATA = ROOT / "tests" / "data" / "readme-run"
 
@@ -41,20 +43,26 @@ def test_the_plan_shown_is_what_plan_prints_at_the_readmes_width():
 
 
 def test_the_run_shown_is_what_run_prints_for_its_rows():
+    """The tables and caption under the README's run are what `run` (and `report`) print for the rows that run
+    recorded (tests/data/readme-run), at the README's width; before them, a line per phase and a status per point."""
     shown = readme.console_output("falconbench run -m smollm2 --device cpu")
     rows, problems = api.read_results(RUN_DATA)
-    assert not problems and [r.dtype for r in rows] == ["bf16", "fp16", "int8", "nf4"]
+    assert not problems and [r.dtype for r in rows] == ["fp32", "bf16", "fp16", "int8", "nf4"]
+    comparison = load_comparison([RUN_DATA])
     console = Console(file=io.StringIO(), width=readme.WIDTH, color_system=None)
-    for table in run_tables(rows):
+    for table in report_tables(comparison):
         console.print(table)
     tables = readme.strip_trailing(console.file.getvalue())
     assert tables in shown
-    # before the tables: a line per phase as it starts (stderr is not a terminal), then each scheme's status
+    after = shown[shown.index(tables) + len(tables):]
+    assert set(" ".join(caption_lines(comparison)).split()) <= set(after.split())
+    # before the tables: a line per phase as it starts (stderr is not a terminal), then each point's status
     progress = shown[:shown.index(tables)].splitlines()
-    assert [line for line in progress if re.fullmatch(r"\w+: ok", line)] == [f"{r.dtype}: ok" for r in rows]
-    phases = [line for line in progress if re.fullmatch(r"\w+ \(\d/4\): .+", line)]
-    assert phases[:3] == ["bf16 (1/4): starting a fresh process", "bf16 (1/4): setup", "bf16 (1/4): load"]
-    assert "nf4 (4/4): quality" in phases
+    points = [f"{r.dtype} sdpa p128+32 b1" for r in rows]
+    assert [line for line in progress if line.endswith(": ok")] == [f"{p}: ok" for p in points]
+    phases = [line for line in progress if re.fullmatch(r".+ \(\d/5\): .+", line)]
+    assert phases[:3] == [f"{points[0]} (1/5): {phase}" for phase in ("starting a fresh process", "setup", "load")]
+    assert f"{points[-1]} (5/5): quality" in phases
 
 
 @pytest.mark.slow

@@ -285,7 +285,7 @@ def test_resume_finishes_the_rest_once_and_reports_a_corrupt_line(interrupted, t
     result = CliRunner().invoke(cli, run_args(tiny_falcon_config, out, "--resume"), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert worker_starts(out) == 2 + 2  # fp16 (interrupted) and fp32 (never started) ran; bf16 did not again
-    assert "bf16: ok (already in the results file)" in result.output
+    assert "bf16 sdpa p4+2 b1: ok (already in the results file)" in result.output
     rows, problems = read_results(out)
     assert [(r.dtype, r.status) for r in rows] == [(d, "ok") for d in DTYPES]  # the interrupted row is gone
     assert len({r.config_hash for r in rows}) == len(DTYPES)
@@ -301,8 +301,8 @@ def test_resume_finishes_the_rest_once_and_reports_a_corrupt_line(interrupted, t
 
 @pytest.mark.parametrize("extra, model, message", [
     ([], "falcon", "already holds 2 row(s). Pass --resume to finish that run"),
-    (["--resume", "--prompt-tokens", "5"], "falcon",
-     "differs in cached_tokens: 5 there, 6 now; prompt_tokens: 4 there, 5 now"),
+    # NOTE: not --prompt-tokens: a repeated list option adds points to the matrix; --repeats replaces the value
+    (["--resume", "--repeats", "2"], "falcon", "differs in repeats: 1 there, 2 now"),
     (["--resume"], "llama", "its model is "),
 ])
 def test_resume_refuses_rows_of_another_run(interrupted, tiny_falcon_config, tiny_llama_config, tmp_path, extra,
@@ -712,20 +712,20 @@ def test_the_worker_is_offline_unless_downloads_are_allowed(monkeypatch, allow_d
     # a copy of the environment, so what child_main sets stays in this test
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in offline_names})
 
-    def measure(config, emit, fields, output_dir=None):
+    def measure(points, emit, output_dir=None, bandwidth=None):
         seen.update(hub=os.environ.get("HF_HUB_OFFLINE"), transformers=os.environ.get("TRANSFORMERS_OFFLINE"))
 
     def exit_(code):
         raise Exited(code)
 
-    monkeypatch.setattr(worker, "measure", measure)
+    monkeypatch.setattr(worker, "measure_load", measure)
     monkeypatch.setattr(worker, "end_with_parent", lambda: None)
     monkeypatch.setattr(worker.os, "_exit", exit_)
     pipe = Pipe()
     with pytest.raises(Exited):
-        worker.child_main(RunConfig("falcon-7b", "bf16", allow_downloads=allow_downloads).as_dict(), pipe)
+        worker.child_main([RunConfig("falcon-7b", "bf16", allow_downloads=allow_downloads).as_dict()], pipe)
     assert seen == {"hub": offline, "transformers": offline}
-    assert pipe.sent[-1]["status"] == "ok"
+    assert not [m for m in pipe.sent if m["kind"] == "failed"]
 
 
 def test_the_worker_sets_offline_before_any_hugging_face_import():
@@ -785,8 +785,9 @@ def test_allow_downloads_fetches_only_what_the_run_reads(hub_cache, tmp_path, mo
     assert download["repo_id"] == "someone/tiny-falcon" and download["cache_dir"] == str(tmp_path / "hub")
     assert set(fetched) <= set(download["allow_patterns"])
     assert not set(not_fetched) & set(download["allow_patterns"])
-    [config] = calls[0][0]
-    assert config.model == "someone/tiny-falcon" and config.allow_downloads
+    configs = calls[0][0]  # bf16, and the fp32 quality reference where the weights are real
+    assert "bf16" in {c.dtype for c in configs}
+    assert all(c.model == "someone/tiny-falcon" and c.allow_downloads for c in configs)
 
 
 def test_a_failed_download_is_one_clear_error(hub_cache, tmp_path, monkeypatch):

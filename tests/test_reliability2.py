@@ -438,12 +438,15 @@ def test_malformed_safetensors_offsets_are_one_clear_error(tiny_falcon_dir, tmp_
 
 def test_a_run_whose_only_configuration_failed_exits_1(tiny_falcon_config, tmp_path, monkeypatch):
     """Issue: a run whose only configuration ran out of memory exited 0."""
-    def out_of_memory(config, base, output_dir, on_phase):
-        return orchestrator.finish(base, "oom", "CUDA out of memory", {})
+    from falconbench.run.measurement import build_row
+
+    def out_of_memory(configs, bases, output_dir, on_phase, on_row, bandwidth=None):
+        for index, base in enumerate(bases):
+            on_row(index, build_row(base, "oom", "CUDA out of memory", None))
 
     monkeypatch.setattr(orchestrator, "run_isolated", out_of_memory)
     result = invoke("run", "-m", tiny_falcon_config, "--random-weights", "-d", "bf16", *TINY, "-o", tmp_path / "o")
-    assert result.exit_code == 1 and "bf16: oom" in result.output, result.output
+    assert result.exit_code == 1 and "bf16 sdpa p4+2 b1: oom" in result.output, result.output
     ok = invoke("report", tmp_path / "o")
     assert ok.exit_code == 0  # report shows failed rows; only run's exit code says the run failed
 

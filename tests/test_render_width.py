@@ -13,17 +13,16 @@ from falconbench.render import fit as fit_render
 from falconbench.render import models as models_render
 from falconbench.render import plan as plan_render
 from falconbench.render import report as report_render
-from falconbench.render import run as run_render
 from falconbench.render.console import Col, Grid
 from falconbench.report import load_comparison
 from falconbench.zoo import list_models
 
 WIDTHS = (80, 100, 200)
 RECORDED = Path(__file__).parent / "data" / "smollm2-cpu"
+MATRIX = Path(__file__).parent / "data" / "smollm2-matrix"
 
 
 def grids() -> dict[str, list[Grid]]:
-    rows, _ = api.read_results(RECORDED)
     return {
         "plan seed": [plan_render.plan_table(api.plan())],
         "plan with warnings": [plan_render.plan_table(api.plan(["falcon-40b", "mistral-7b"], ["bf16", "nf4"],
@@ -33,8 +32,8 @@ def grids() -> dict[str, list[Grid]]:
         "fit calibrated-like headers": fit_render.fit_tables(api.fit("falcon-180b", dtypes=["bf16", "fp16", "int8",
                                                                                            "nf4", "fp4"])),
         "models": [models_render.models_table(list_models())],
-        "run": run_render.run_tables(rows),
-        "report": report_render.report_tables(load_comparison([RECORDED])),
+        "report (run prints the same)": report_render.report_tables(load_comparison([RECORDED])),
+        "report of a matrix": report_render.report_tables(load_comparison([MATRIX])),
     }
 
 
@@ -78,7 +77,7 @@ def test_the_seed_plan_at_80_columns_keeps_every_figure_and_folds_attn_and_gpu()
     out = render(plan_render.plan_table(api.plan()), 80)
     assert "Dtype: bf16 · Context: 2,048 · Batch: 1" in out  # the same in every row: said once
     assert "Attn · Smallest GPU" in out and "MQA (1 KV) · A10G" in out
-    assert "121.60 GiB" in out and "834.1 MiB" in out and "127.42 GiB" in out and "Not shown" not in out
+    assert "121.60 GiB" in out and "898.1 MiB" in out and "127.48 GiB" in out and "Not shown" not in out
 
 
 def test_at_200_columns_the_plan_is_one_table_with_every_header_on_one_line():

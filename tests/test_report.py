@@ -75,7 +75,7 @@ def quality_fields(perplexity: float, reference_perplexity: float = 10.0, diverg
 
 def make_row(dtype="bf16", status="ok", model="falcon-7b", **values) -> RunResult:
     """A results row with its plan, and memory and speed when it is ok; quality only when given."""
-    base = dict(planned_weights_bytes=2**30, planned_kv_cache_bytes=2**24, planned_total_bytes=2**30 + 2**27)
+    base = dict(plan={"weights_bytes": 2**30, "kv_cache_bytes": 2**24, "total_bytes": 2**30 + 2**27})
     if status == "ok":
         base.update(weights_bytes=2**30, kv_cache_bytes=2**24, peak_memory_bytes=2**30 + 2**28, ttft_seconds=0.05,
                     decode_tokens_per_second=20.0)
@@ -107,8 +107,8 @@ def test_report_from_the_recorded_results_writes_every_file(recorded):
         assert 500 <= width <= 2500 and 300 <= height <= 2500, (name, width, height)
 
     md = (recorded / "report.md").read_text()
-    assert "| Dtype | Status | Weights | Δplan | KV cache | Δplan | Peak | Plan total | Quantized |" in md
-    assert "| Dtype | Status | Load | TTFT | Decode step | Decode tok/s |" in md
+    assert "| Dtype | Status | Weights | Δplan | KV cache | Δplan | Peak | Plan total | Δplan | Quantized |" in md
+    assert "| Dtype | Status | Load | TTFT | TTFT p90 | Step | Step p90 | Step CV | Decode tok/s |" in md
     for row in rows:
         assert re.search(rf"^\| {re.escape(row.dtype)} \| {row.status} \|", md, re.M), row.dtype
     assert all(f"]({name})" in md for name in plots)
@@ -144,7 +144,7 @@ def test_cli_prints_the_tables_and_where_it_wrote(invoke, recorded, tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line.strip() for line in result.output.splitlines()]
     rows = recorded_rows()
-    assert lines[0] == f"run: {rows[0].environment['cpu']}, {len(rows)} configuration(s) from {recorded}"
+    assert lines[0] == f"run: {rows[0].environment['cpu']}, {len(rows)} row(s) from {recorded}"
     assert "Memory" in lines and "Speed" in lines
     for row in rows:
         assert sum(line.split()[:2] == [row.dtype, row.status] for line in lines) >= 2, row.dtype

@@ -17,6 +17,7 @@ from falconbench.report import write_report
 
 DATA = Path(__file__).parent / "data"
 RECORDED = DATA / "smollm2-cpu"
+MATRIX = DATA / "smollm2-matrix"  # a recorded run matrix (schemes × prompt × batch) on SmolLM2, CPU
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium installed (apt-get install chromium)")
 
@@ -33,6 +34,7 @@ window.addEventListener("load", () => {
   document.body.setAttribute("data-probe", JSON.stringify({
     images: images.length,
     loaded: images.filter((i) => i.complete && i.naturalWidth > 0).length,
+    loadedAlts: images.filter((i) => i.complete && i.naturalWidth > 0).map((i) => i.alt),
     tables: document.querySelectorAll("table").length,
     problems: window.__problems,
   }));
@@ -78,6 +80,19 @@ def test_the_report_page_renders_with_every_image_and_no_console_error(report, t
     assert seen["tables"] == report.read_text().count("<table>") >= 2
     assert seen["problems"] == []
     assert console_errors(stderr) == []
+
+
+def test_a_matrix_report_shows_measured_points_over_the_planned_curve(tmp_path):
+    from falconbench.render.report import PLOT_TITLES
+
+    folder = tmp_path / "matrix"
+    shutil.copytree(MATRIX, folder)
+    write_report([folder])
+    seen, stderr = probe(folder / "report.html", tmp_path)
+    assert seen["loaded"] == seen["images"] == len(list(folder.glob("*.png")))
+    assert PLOT_TITLES["matrix-memory.png"] in seen["loadedAlts"]
+    assert PLOT_TITLES["scaling.png"] in seen["loadedAlts"]
+    assert seen["problems"] == [] and console_errors(stderr) == []
 
 
 def test_the_report_page_screenshot_is_not_blank(report, tmp_path):

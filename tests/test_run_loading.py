@@ -123,10 +123,24 @@ def test_an_earlier_repeat_leaves_no_kv_cache_behind(tiny_falcon_config, monkeyp
                        repeats=3, warmup=1)
     tracker = CpuTracker()
     tracker.start()
-    fields = {"memory": {}, "latency": {}}
-    worker.speed_phase(config, build(tiny_falcon_config, "bf16").model, tracker, lambda *a, **k: None, fields)
+    speed = worker.speed_phase(config, build(tiny_falcon_config, "bf16").model, tracker, lambda phase: None)
     spec = resolve_model(str(tiny_falcon_config)).spec()
-    assert len(caches) == 4 and fields["kv_cache_bytes"] == planned_kv_bytes(spec, context=11, batch=1, kv_bytes=2)
+    assert len(caches) == 4 and speed.kv_cache_bytes == planned_kv_bytes(spec, context=11, batch=1, kv_bytes=2)
+    assert speed.prompt_kv_cache_bytes == planned_kv_bytes(spec, context=8, batch=1, kv_bytes=2)
+
+
+def test_a_phase_value_missing_a_figure_fails_where_it_is_built():
+    """The worker's phases return typed values: leaving a figure out fails at once, in the phase, not when the
+    row is assembled in the parent."""
+    from falconbench.run.measurement import SpeedMeasurement
+
+    figures = dict(ttft_seconds={"median": 0.1}, decode_token_seconds=None, decode_tokens_per_second=None,
+                   generate_seconds=None, kv_cache_bytes=10, kv_cache_tokens=5, prompt_kv_cache_bytes=6,
+                   weights_bytes_after_run=100, phases={}, peak_bytes=None)
+    SpeedMeasurement(**figures)
+    del figures["kv_cache_bytes"]
+    with pytest.raises(TypeError, match="kv_cache_bytes"):
+        SpeedMeasurement(**figures)
 
 
 def test_cpu_4bit_shape_check_names_the_layer():

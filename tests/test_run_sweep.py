@@ -22,8 +22,9 @@ from tiny_models import TINY_FALCON, write_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DTYPES = ["bf16", "fp16", "int8", "nf4"]
-SMALL = ["--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "1"]
-REQUIRED = ("model", "dtype", "status", "error", "weights_bytes", "planned_weights_bytes", "kv_cache_bytes",
+SMALL = ["--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "1",
+         "--reference", "bf16"]
+REQUIRED = ("model", "dtype", "status", "error", "weights_bytes", "plan", "kv_cache_bytes",
             "peak_memory_bytes", "load_seconds", "ttft_seconds", "decode_tokens_per_second", "quantized_layers",
             "linear_layers")
 
@@ -84,11 +85,13 @@ def test_falcon_quantization_was_done_by_falconbench(sweeps):
 @pytest.mark.parametrize("name", ["falcon", "llama"])
 def test_plan_beside_measurement(sweeps, name):
     for row in sweeps[name][0]:
-        error = abs(row["planned_weights_bytes"] - row["weights_bytes"]) / row["weights_bytes"]
+        plan = row["plan"]
+        error = abs(plan["weights_bytes"] - row["weights_bytes"]) / row["weights_bytes"]
         assert error <= 0.03, (row["dtype"], error)
-        assert row["planned_kv_cache_bytes"] == row["kv_cache_bytes"]
+        assert plan["kv_cache_bytes"] == row["kv_cache_bytes"]
         assert row["memory"]["kv_cache_tokens"] == 8 + 4 - 1
-        assert row["planned_total_bytes"] >= row["planned_weights_bytes"] + row["planned_kv_cache_bytes"]
+        assert plan["total_bytes"] >= plan["weights_bytes"] + plan["kv_cache_bytes"]
+        assert (plan["context"], plan["batch"], plan["attn_impl"]) == (8 + 4 - 1, 1, "sdpa")
 
 
 @pytest.mark.parametrize("name", ["falcon", "llama"])

@@ -150,13 +150,17 @@ def test_cuda_tracker_reads_baseline_context_and_per_phase_peaks():
     tracker.end("decode")
     phases = tracker.phases
     assert phases["load"] == {"torch_peak_allocated_bytes": 14 * GIB, "torch_peak_reserved_bytes": 14 * GIB,
-                              "nvml_peak_used_bytes": 14 * GIB + 500 * MIB}
+                              "nvml_peak_used_bytes": 14 * GIB + 500 * MIB, "growth_bytes": 14 * GIB}
+    assert phases["prefill"]["growth_bytes"] == 2 * GIB  # what prefill allocated beyond the weights
     assert phases["prefill"]["torch_peak_allocated_bytes"] == 16 * GIB
     # the peak was reset when decode began: decode's own high-water mark, not prefill's
     assert phases["decode"]["torch_peak_allocated_bytes"] == 14 * GIB + GIB // 2
     assert phases["decode"]["torch_peak_reserved_bytes"] == 16 * GIB
     assert cuda.resets == 3 and cuda.syncs >= 6
     assert tracker.peak_bytes() == 16 * GIB + 500 * MIB  # NVML: pool + context, baseline removed
+    assert tracker.peak_bytes(("load",)) == 14 * GIB + 500 * MIB
+    tracker.forget(("prefill", "decode"))
+    assert set(tracker.phases) == {"load"}
     assert tracker.summary()["peak_source"].startswith("NVML")
 
 

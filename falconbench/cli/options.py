@@ -169,6 +169,20 @@ def attn_option() -> Callable:
                         show_default=True, help="Attention kernel: eager materializes the score matrix.")
 
 
+def attn_list_option() -> Callable:
+    """--attn for run's matrix: one or more attention kernels (`sdpa,eager`)."""
+    def callback(ctx, param, values):
+        kernels = given_list("attn", values, "sdpa,eager") or [DEFAULT_ATTN]
+        for kernel in kernels:
+            if kernel not in ATTN_IMPLS:
+                raise UsageError(f"--attn {kernel!r} is not an attention kernel. Choose from: {', '.join(ATTN_IMPLS)}"
+                                 ". Example: --attn sdpa,eager")
+        return kernels
+    return click.option("--attn", "attn_impls", multiple=True, metavar="A[,A...]", callback=callback,
+                        help=f"Attention kernels ({', '.join(ATTN_IMPLS)}): eager materializes the score matrix. "
+                             f"Default: {DEFAULT_ATTN}.")
+
+
 def device_option() -> Callable:
     return click.option("--device", type=Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
                         help="cuda counts the CUDA context; cpu plans or runs without one.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..render.console import console, err_console
+from ..render.console import err_console
 
 
 @click.command("report")
@@ -28,11 +28,7 @@ def report_command(run_dirs, out_dir):
     from ..report import write_report
 
     result = write_report(run_dirs, out_dir)
-    for line in render.run_lines(result.comparison):
-        console().print(line, markup=False, highlight=False, soft_wrap=True)
-    for table in render.report_tables(result.comparison):
-        console().print(table)
-    console().print(render.caption(result.comparison), markup=False, highlight=False)
+    render.print_comparison(result.comparison)
     for line in result.lines:
         err_console().print(f"! {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     names = ", ".join(path.name for path in result.paths)

@@ -7,12 +7,12 @@ import math
 import click
 
 from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, UsageError
-from ..render.console import console, err_console
+from ..render.console import err_console
 from ..run.config import RunConfig
 from ..schemes import KV_DTYPE_AUTO
 from .finetune import finetune_options, refuse_finetune_options, task_option
-from .options import apply, attn_option, batch_option, device_option, dtype_option, format_option, \
-    COUNT, WHOLE, kv_dtype_option, model_option
+from .options import COUNT, WHOLE, apply, attn_list_option, batch_option, count_option, device_option, \
+    dtype_option, format_option, kv_dtype_option, model_option
 
 
 def parse_size(text: str | None) -> int | None:
@@ -35,19 +35,21 @@ def parse_size(text: str | None) -> int | None:
                     "--random-weights) a profile or config.json.", required=True),
        dtype_option(help="Schemes; the first is the reference of the ratios; with quality on, the --reference "
                          "scheme runs first."),
-       batch_option(), kv_dtype_option(), attn_option(), device_option())
+       count_option("prompt-tokens", RunConfig.prompt_tokens, "Prompt lengths (prefill), e.g. 128,512,2k."),
+       count_option("new-tokens", RunConfig.new_tokens, "Tokens generated per run, never stopped early."),
+       batch_option("Sequences per run (per step with --task finetune)."), kv_dtype_option(), attn_list_option(),
+       device_option())
 @click.option("--random-weights", is_flag=True,
               help="Build the architecture from config.json with random weights (no download, same memory).")
-@click.option("--prompt-tokens", type=COUNT, default=RunConfig.prompt_tokens, show_default=True, help="Prompt length (prefill).")
-@click.option("--new-tokens", type=COUNT, default=RunConfig.new_tokens, show_default=True,
-              help="Tokens generated per run, never stopped early.")
 @click.option("--repeats", type=WHOLE, default=RunConfig.repeats, show_default=True, help="Timed runs per configuration.")
 @click.option("--warmup", type=WHOLE, default=RunConfig.warmup, show_default=True, help="Untimed runs before the timed ones.")
 @click.option("--int8-threshold", type=float, default=RunConfig.int8_threshold, show_default=True,
               help="LLM.int8 outlier threshold.")
 @click.option("--quality/--no-quality", default=True, show_default=True,
               help="Measure perplexity, KL and top-1 agreement against --reference (real weights only).")
-@click.option("--reference", default=RunConfig.reference, show_default=True, help="The scheme quality is compared against.")
+@click.option("--reference", default=None,
+              help="The scheme quality is compared against. Default: fp32 where it fits in half the memory "
+                   "available (always for small models on CPU), else bf16.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 text to score. Default: the shipped public-domain novel excerpt.")
 @click.option("--eval-tokens", type=COUNT, default=RunConfig.eval_tokens, show_default=True, help="Tokens of the text scored.")
@@ -70,20 +72,22 @@ def parse_size(text: str | None) -> int | None:
 @task_option
 @finetune_options
 @format_option()
-def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_weights, prompt_tokens, new_tokens,
+def run_command(models, dtypes, prompt_tokens, new_tokens, batches, kv_dtype, attn_impls, device, random_weights,
                 repeats, warmup, int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output,
                 resume, memory_cap, trust_remote_code, allow_pickle, allow_downloads, task, methods, lora_r,
                 lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
-    """Load the model in each scheme, each in a fresh process, and measure memory, speed and quality beside
-    the plan; then write the report into the output folder.
+    """Measure the model at every point of the matrix (schemes × attention kernels × prompt lengths × new-token
+    counts × batch sizes) beside the plan: one fresh process per scheme and kernel, its shape points inside it;
+    then write the report into the output folder.
 
-    Each row is appended to OUTPUT/results.jsonl as its configuration finishes; an out-of-memory or failed
-    configuration gets its status and the sweep goes on. Ctrl-C keeps every finished row; --resume finishes the
-    rest.
+    Each point's row is appended to OUTPUT/results.jsonl as it finishes; an out-of-memory point gets its status,
+    the larger points of its load are skipped, and the sweep goes on. Ctrl-C keeps every finished row; --resume
+    finishes the rest.
 
     \b
     Examples:
       falconbench run -m smollm2 -d bf16,fp16,int8,nf4 --device cpu
+      falconbench run -m smollm2 -d bf16,int8,nf4 --prompt-tokens 128,512,2k -b 1,4 --attn sdpa,eager --device cpu
       falconbench run -m ./my-falcon -d bf16,int8,nf4
       falconbench run -m falcon-7b --random-weights --device cuda --new-tokens 128
       falconbench run -m tiiuae/falcon-7b -d bf16,nf4 --format json
@@ -95,13 +99,13 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
         from .finetune import given_dtypes
         from .run_finetune import run_finetune_command
 
-        model, batch = single_shape(models, batches, kv_dtype)
+        model, batch = one_model(models, kv_dtype), one_batch(batches)
         return run_finetune_command(model, given_dtypes(), device, repeats, warmup, batch, output, resume, methods,
                                     lora_r, lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt)
-    from ..api import run_benchmark
     from ..render import run as render
+    from ..run import RunSettings, run_benchmark
 
-    model, batch = single_shape(models, batches, kv_dtype)
+    model = one_model(models, kv_dtype)
     if trust_remote_code:
         err_console().print("WARNING: --trust-remote-code runs Python code that came with the model, with your "
                             "permissions. Use it only for code you have read or trust.", style="bold red",
@@ -109,6 +113,13 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
     from .models import convert_bundled
 
     convert_bundled(model)  # once, under its own status line, before the sweep's progress starts
+    settings = RunSettings(
+        model=model, dtypes=tuple(dtypes), attns=tuple(attn_impls), prompt_tokens=tuple(prompt_tokens),
+        new_tokens=tuple(new_tokens), batches=tuple(batches), device=device, output=output, resume=resume,
+        quality=quality, random_weights=random_weights, repeats=repeats, warmup=warmup,
+        int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
+        window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap), trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle, allow_downloads=allow_downloads)
     progress = render.RunProgress()
     from ..run.orchestrator import terminate_as_interrupt
 
@@ -116,14 +127,7 @@ def run_command(models, dtypes, batches, kv_dtype, attn_impl, device, random_wei
     with terminate_as_interrupt():
         try:
             with progress:
-                outcome = run_benchmark(
-                    model, dtypes, device=device, output=output, attn_impl=attn_impl, report=True,
-                    on_event=progress, quality=quality, resume=resume, random_weights=random_weights,
-                    prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup, batch=batch,
-                    int8_threshold=int8_threshold, reference=reference, eval_text=eval_text,
-                    eval_tokens=eval_tokens, window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap),
-                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                    allow_downloads=allow_downloads)
+                outcome = run_benchmark(settings, on_event=progress, report=True)
             show_outcome(outcome, fmt)
         except KeyboardInterrupt:
             where = progress.output_dir or output
@@ -139,11 +143,13 @@ def show_outcome(outcome, fmt: str) -> None:
     """The tables (or the machine format), the skipped lines, and where the results and the report went."""
     from ..render import run as render
 
-    if fmt == "table":
-        for table in render.run_tables(outcome.rows):
-            console().print(table)
-    else:
-        click.echo(machine_output(fmt, outcome), nl=fmt == "json")
+    if outcome.reference_choice:
+        err_console().print(f"Quality reference: {outcome.reference_choice}", markup=False, highlight=False,
+                            soft_wrap=True)
+    if fmt == "json":
+        click.echo(render.run_json(outcome.rows))
+    elif outcome.rows:  # the same tables `falconbench report` prints, from the same rows
+        print_comparison(fmt, outcome)
     for problem in outcome.problems:
         err_console().print(f"! skipped a line that is not a results row: {problem}", style="yellow",
                             markup=False, highlight=False, soft_wrap=True)
@@ -158,27 +164,40 @@ def show_outcome(outcome, fmt: str) -> None:
                             "report.csv, PNG plots)", markup=False, highlight=False, soft_wrap=True)
 
 
-def single_shape(models: list[str], batches: list[int], kv_dtype: str) -> tuple[str, int]:
-    """The one model and batch a sweep measures; the cache is what transformers allocates (--kv-dtype auto)."""
+def one_model(models: list[str], kv_dtype: str) -> str:
+    """The one model a sweep measures; the cache is what transformers allocates (--kv-dtype auto)."""
     if kv_dtype != KV_DTYPE_AUTO:
         raise UsageError(f"run measures the KV cache transformers allocates, in each scheme's compute dtype, so "
                          f"--kv-dtype {kv_dtype} applies to plan and fit only. Leave it at {KV_DTYPE_AUTO} for run")
     if len(models) > 1:
         raise UsageError(f"run measures one model per sweep, got {len(models)}: {', '.join(models)}. Example: "
                          f"-m {models[0]}")
+    return models[0]
+
+
+def one_batch(batches: list[int]) -> int:
+    """The one micro-batch a fine-tuning sweep measures."""
     if len(batches) > 1:
-        raise UsageError(f"run measures one batch size per sweep, got {', '.join(map(str, batches))}. Example: "
-                         f"-b {batches[0]}")
-    return models[0], batches[0]
+        raise UsageError(f"run --task finetune measures one micro-batch per sweep, got "
+                         f"{', '.join(map(str, batches))}. Example: -b {batches[0]}")
+    return batches[0]
 
 
 def machine_output(fmt: str, outcome) -> str:
-    """The rows as JSON, or the run's comparison as CSV or Markdown (the report's own tables)."""
+    """The run's comparison as CSV (raw units) or Markdown (report.md's text, settings and machine included)."""
     from ..render import report as report_render
-    from ..render import run as render
     from ..report import load_comparison
 
-    if fmt == "json":
-        return render.run_json(outcome.rows)
     comparison = load_comparison([outcome.output_dir])
     return report_render.report_csv(comparison) if fmt == "csv" else report_render.report_markdown(comparison)
+
+
+def print_comparison(fmt: str, outcome) -> None:
+    """The run's comparison as tables, CSV or Markdown: the report's own view of the same rows."""
+    from ..render import report as report_render
+    from ..report import load_comparison
+
+    if fmt in ("csv", "markdown"):
+        click.echo(machine_output(fmt, outcome), nl=False)
+    else:
+        report_render.print_comparison(load_comparison([outcome.output_dir]))

@@ -95,7 +95,8 @@ def _compute_reference(model, tokenizer, spec: QualitySpec, tokens: EvalTokens, 
     prompt = _prompt_ids(tokenizer, spec)
     greedy = greedy_continuation(model, prompt, spec.greedy_tokens)
     meta = {"reference": spec.reference, **identity, "eval_text": tokens.text_name,
-            "text_sha256": tokens.text_sha256, "token_hash": tokens.token_hash, **spec.stored_settings()}
+            "text_sha256": tokens.text_sha256, "token_hash": tokens.token_hash, **spec.stored_settings(),
+            "greedy_top2_gaps": top2_gaps(model, prompt, greedy)}
     write_reference(path, {"token_ids": ids, "logprobs": logprobs, "target_logprobs": target, "top1": top1,
                            "prompt": torch.tensor(prompt, dtype=torch.long),
                            "greedy": torch.tensor(greedy, dtype=torch.long)}, meta)
@@ -148,6 +149,31 @@ def greedy_continuation(model, prompt_ids: list[int], n_tokens: int) -> list[int
     return [int(token) for token in generation.tokens[0]]
 
 
+# NOTE: a greedy token whose top two logits lie this close (in logits, i.e. nats of log-probability) is a tie:
+# which of the two wins depends on the rounding of the last matmul, so a scheme that departs there shows noise, not
+# drift (three bf16 runs gave three continuations at one exact tie).
+TIE_EPSILON = 0.01
+
+
+def top2_gaps(model, prompt_ids: list[int], greedy: list[int]) -> list[float]:
+    """The gap between the reference's two largest logits at each greedy position (one forward over the prompt
+    and the continuation, teacher-forced)."""
+    import torch
+
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + greedy[:-1]], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1:].float()
+    top = logits.topk(2, dim=-1).values
+    return [float(gap) for gap in (top[:, 0] - top[:, 1]).cpu()]
+
+
+def is_tie(gaps: Any, position: int | None) -> bool:
+    """Whether the greedy divergence at `position` falls on a tie of the reference's top two logits."""
+    if position is None or not isinstance(gaps, list) or position >= len(gaps):
+        return False
+    return gaps[position] <= TIE_EPSILON
+
+
 def _reference_result(stored: StoredReference, spec: QualitySpec, tokens: EvalTokens, model_id: str,
                       reused: bool, seconds: float) -> QualityResult:
     from .metrics import perplexity
@@ -163,13 +189,15 @@ def _scheme_result(stored: StoredReference, scores: _Scores, greedy: list[int], 
     from .metrics import delta_perplexity_interval, first_divergence, kl_summary, perplexity
 
     ref_nll = -stored.target_logprobs.double()
+    position = first_divergence(stored.greedy_tokens, greedy)
     ppl, ref_ppl = perplexity(scores.nll), perplexity(ref_nll)
     low, high = delta_perplexity_interval(ref_nll, scores.nll, spec.ci_block_tokens, spec.bootstrap_resamples,
                                           spec.confidence, spec.seed)
     return _result(spec, tokens, model_id, stored, seconds, is_reference=False, reused=True, perplexity=ppl,
                    reference_perplexity=ref_ppl, delta_perplexity=ppl - ref_ppl, delta_ci_low=low,
                    delta_ci_high=high, **kl_summary(scores.kl), top1_agreement=scores.top1_hits / scores.kl.numel(),
-                   divergence_position=first_divergence(stored.greedy_tokens, greedy))
+                   divergence_position=position,
+                   divergence_is_tie=is_tie(stored.meta.get("greedy_top2_gaps"), position))
 
 
 def _result(spec: QualitySpec, tokens: EvalTokens, model_id: str, stored: StoredReference, seconds: float,
@@ -179,5 +207,5 @@ def _result(spec: QualitySpec, tokens: EvalTokens, model_id: str, stored: Stored
                          scored_tokens=len(tokens.ids) - 1, token_hash=tokens.token_hash, window=spec.window,
                          stride=spec.stride, confidence=spec.confidence,
                          bootstrap_resamples=spec.bootstrap_resamples, ci_block_tokens=spec.ci_block_tokens,
-                         greedy_tokens=spec.greedy_tokens, reference_file=stored.path.name,
+                         greedy_tokens=spec.greedy_tokens, tie_epsilon=TIE_EPSILON, reference_file=stored.path.name,
                          reference_reused=reused, seconds=seconds, **numbers)

@@ -39,6 +39,9 @@ class QualityResult:
     reference_file: str
     reference_reused: bool  # the reference was read from disk rather than computed in this call
     seconds: float
+    # the divergence falls where the reference's top two logits lie within tie_epsilon: noise, not drift
+    divergence_is_tie: bool = False
+    tie_epsilon: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.top1_agreement <= 1.0:

@@ -12,98 +12,22 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from ..comparison import Comparison, SchemeRow
-from .console import (format_bytes, format_number, format_percent, format_seconds, to_csv, to_markdown,
-                      versus_plan)
+from .console import to_csv, to_markdown
+from .rows import TableCells, caption_lines, settings_lines, table_cells
 
 PLOT_TITLES = {
     "memory.png": "Memory by scheme: planned against measured",
     "latency.png": "Latency and throughput by scheme",
     "quality.png": "Quality drift by scheme",
     "context.png": "Planned memory against context length, with GPU capacities",
+    "matrix-memory.png": "Measured peak at each point over the planned total, against context, by scheme",
+    "scaling.png": "Latency and throughput against context and batch",
 }
 
 
-def _quantized(row: SchemeRow) -> str:
-    if row.quantized_layers is None or row.linear_layers is None:
-        return "-"
-    return f"{row.quantized_layers}/{row.linear_layers}"
-
-
-def _delta(row: SchemeRow) -> str:
-    text = format_percent(row.perplexity_change)
-    if row.perplexity_change_ci and row.perplexity_change is not None:
-        low, high = row.perplexity_change_ci
-        text += f" [{low * 100:+.1f}, {high * 100:+.1f}]"
-    return text
-
-
-def _divergence(row: SchemeRow) -> str:
-    """The first generated token that differs from the reference's, or that none of N did."""
-    if row.divergence_position is not None:
-        return f"token {row.divergence_position}"
-    return f"none of {row.greedy_tokens}" if row.greedy_tokens is not None else "-"
-
-
-Column = tuple[str, Callable[[SchemeRow], str], bool]  # header, cell, right-aligned
-
-MEMORY_COLUMNS: tuple[Column, ...] = (
-    ("Weights", lambda r: format_bytes(r.weights_bytes), True),
-    ("Δplan", lambda r: versus_plan(r.weights_bytes, r.planned_weights_bytes), True),
-    ("KV cache", lambda r: format_bytes(r.kv_cache_bytes), True),
-    ("Δplan", lambda r: versus_plan(r.kv_cache_bytes, r.planned_kv_cache_bytes), True),
-    ("Peak", lambda r: format_bytes(r.peak_memory_bytes), True),
-    ("Plan total", lambda r: format_bytes(r.planned_total_bytes), True),
-    ("Quantized", _quantized, True),
-)
-SPEED_COLUMNS: tuple[Column, ...] = (
-    ("Load", lambda r: format_seconds(r.load_seconds), True),
-    ("TTFT", lambda r: format_seconds(r.ttft_seconds), True),
-    ("Decode step", lambda r: format_seconds(r.decode_token_seconds), True),
-    ("Decode tok/s", lambda r: format_number(r.decode_tokens_per_second, ".1f"), True),
-)
-QUALITY_COLUMNS: tuple[Column, ...] = (
-    ("PPL", lambda r: format_number(r.perplexity, ".2f"), True),
-    ("Δ PPL % [CI]", _delta, True),
-    ("KL", lambda r: format_number(r.kl_divergence, ".4f"), True),
-    ("KL p95", lambda r: format_number(r.kl_p95, ".4f"), True),
-    ("Top-1", lambda r: format_percent(r.top1_agreement, signed=False), True),
-    ("Greedy diverges", _divergence, True),
-)
-# Three tables rather than one of eighteen columns, so each fits a terminal.
-TABLES: tuple[tuple[str, tuple[Column, ...]], ...] = (
-    ("Memory", MEMORY_COLUMNS), ("Speed", SPEED_COLUMNS), ("Quality", QUALITY_COLUMNS))
-
-
-@dataclass(frozen=True)
-class TableCells:
-    """One table as text: its title, headers, one row of cells per configuration, right alignment."""
-
-    title: str
-    headers: tuple[str, ...]
-    body: tuple[tuple[str, ...], ...]
-    right: tuple[bool, ...]
-    failed: tuple[bool, ...]  # per row: its status is not ok
-
-
-def _key_columns(comparison: Comparison) -> list[Column]:
-    keys = [("Run", lambda r: r.run, False)] if comparison.several_runs else []
-    keys += [("Model", lambda r: r.model, False)] if comparison.several_models else []
-    return keys + [("Dtype", lambda r: r.dtype, False), ("Status", lambda r: r.status, False)]
-
-
 def report_cells(comparison: Comparison) -> list[TableCells]:
-    """The report's tables as text. A column empty in every row (quality never measured, say) is left out,
-    and so is a table left with no column of figures."""
-    tables = []
-    for title, figures in TABLES:
-        shown = [c for c in figures if any(c[1](row) != "-" for row in comparison.rows)]
-        if not shown:
-            continue
-        columns = _key_columns(comparison) + shown
-        body = tuple(tuple(cell(row) for _, cell, _ in columns) for row in comparison.rows)
-        tables.append(TableCells(title, tuple(c[0] for c in columns), body, tuple(c[2] for c in columns),
-                                 tuple(row.status != "ok" for row in comparison.rows)))
-    return tables
+    """The report's tables as text (the one row view `run` prints too)."""
+    return table_cells(comparison)
 
 
 def report_tables(comparison: Comparison) -> list:
@@ -117,30 +41,39 @@ def report_tables(comparison: Comparison) -> list:
             for cells in report_cells(comparison)]
 
 
+def print_comparison(comparison: Comparison) -> None:
+    """The runs, the tables and their caption on the console: what `run` and `report` both print."""
+    from .console import console
+
+    out = console()
+    for line in run_lines(comparison):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    for table in report_tables(comparison):
+        out.print(table)
+    for line in caption_lines(comparison):
+        out.print(line, markup=False, highlight=False)
+
+
 def run_lines(comparison: Comparison) -> list[str]:
     """One line per run: its name, what it measured on, where it is."""
-    return [f"{run.name}: {run.device_name or 'unknown device'}, {run.rows} configuration(s) from {run.folder}"
+    return [f"{run.name}: {run.device_name or 'unknown device'}, {run.rows} row(s) from {run.folder}"
             for run in comparison.runs]
 
 
 def caption(comparison: Comparison) -> str:
-    references = sorted({r.reference for r in comparison.rows if r.reference})
-    text = ("Peak: measured peak memory above the baseline. Δplan: (measured − planned) / planned for the "
-            "weights and KV cache, in bytes where a percentage would round to zero. Plan total adds the planner's "
-            "runtime estimate.")
-    if not references:
-        return text
-    return text + (f" Quality against {', '.join(references)}: Δ PPL % is (perplexity − the reference's) / the "
-                   "reference's, in %, with its bootstrap confidence interval in brackets (falconbench run shows "
-                   "it absolute).")
+    return "\n".join(caption_lines(comparison))
 
 
 def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems: Sequence[str] = ()) -> str:
-    """report.md: the runs, the tables, the plots (as files beside it), and the problems."""
+    """report.md: the runs, their settings, versions and machine, the tables, the plots (as files beside it), and
+    the problems."""
     text = ["# falconbench report", ""] + [f"- {line}" for line in run_lines(comparison)] + [""]
+    settings = settings_lines(comparison)
+    if settings:
+        text += ["## Settings and machine", ""] + [f"- {line}" for line in settings] + [""]
     for cells in report_cells(comparison):
         text += [f"## {cells.title}", "", to_markdown(cells.headers, cells.body, cells.right)]
-    text += [caption(comparison), ""]
+    text += [line + "\n" for line in caption_lines(comparison)]
     text += [f"![{PLOT_TITLES.get(name, name)}]({name})\n" for name in images]
     if problems:
         text += ["## Problems and notes", ""] + [f"- {p}" for p in problems] + [""]
@@ -148,14 +81,17 @@ def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems
 
 
 CSV_FIELDS = (
-    "run", "model", "dtype", "status", "error", "batch", "cached_tokens", "weights_bytes", "planned_weights_bytes",
-    "kv_cache_bytes", "planned_kv_cache_bytes", "peak_memory_bytes", "measured_runtime_bytes",
-    "planned_runtime_bytes", "planned_total_bytes", "quantized_layers", "linear_layers", "load_seconds",
-    "ttft_seconds", "ttft_seconds_low", "ttft_seconds_high", "decode_token_seconds", "decode_token_seconds_low",
-    "decode_token_seconds_high", "decode_tokens_per_second", "decode_tokens_per_second_low",
-    "decode_tokens_per_second_high", "spread", "perplexity", "perplexity_change", "perplexity_change_ci_low",
-    "perplexity_change_ci_high", "kl_divergence", "kl_p95", "top1_agreement", "divergence_position",
-    "greedy_tokens", "reference",
+    "run", "model", "dtype", "status", "error", "attn", "prompt_tokens", "new_tokens", "batch", "cached_tokens",
+    "weights_bytes", "planned_weights_bytes", "kv_cache_bytes", "planned_kv_cache_bytes", "peak_memory_bytes",
+    "measured_runtime_bytes", "planned_runtime_bytes", "planned_total_bytes", "planned_activation_bytes",
+    "planned_attention_scores_bytes", "planned_logits_bytes", "measured_prefill_runtime_bytes",
+    "measured_decode_runtime_bytes", "quantized_layers", "linear_layers", "load_seconds", "ttft_seconds",
+    "ttft_seconds_low", "ttft_seconds_high", "ttft_p90", "decode_token_seconds", "decode_token_seconds_low",
+    "decode_token_seconds_high", "decode_token_p90", "decode_token_cv", "decode_tokens_per_second",
+    "decode_tokens_per_second_low", "decode_tokens_per_second_high", "decode_bound_tokens_per_second",
+    "bandwidth_share", "bandwidth_bytes_per_second", "spread", "perplexity", "perplexity_change",
+    "perplexity_change_ci_low", "perplexity_change_ci_high", "kl_divergence", "kl_p95", "top1_agreement",
+    "divergence_position", "divergence_is_tie", "greedy_tokens", "reference",
 )
 
 
@@ -190,6 +126,9 @@ def report_html(comparison: Comparison, images: Mapping[str, bytes], problems: S
     """report.html: one page with the tables and the plots embedded, readable offline and in any browser."""
     esc = html.escape
     runs = "".join(f"<li>{esc(line)}</li>" for line in run_lines(comparison))
+    settings = settings_lines(comparison)
+    if settings:
+        runs += "</ul><h2>Settings and machine</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in settings)
     tables = "".join(f"<h2>{esc(cells.title)}</h2>{_html_table(cells)}" for cells in report_cells(comparison))
     figures = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
@@ -200,7 +139,8 @@ def report_html(comparison: Comparison, images: Mapping[str, bytes], problems: S
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>falconbench report</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>'
             f"<body><h1>falconbench report</h1><ul>{runs}</ul>{tables}"
-            f'<p class="caption">{esc(caption(comparison))}</p>{problem_list}{figures}</body></html>\n')
+            + "".join(f'<p class="caption">{esc(line)}</p>' for line in caption_lines(comparison))
+            + f"{problem_list}{figures}</body></html>\n")
 
 
 def _html_table(cells: TableCells) -> str:

@@ -5,5 +5,6 @@ Importing this package imports no torch: the measuring libraries load in the spa
 
 from .config import RunConfig, config_hash
 from .orchestrator import Event, RunOutcome, run_benchmark, run_sweep
+from .settings import RunSettings
 
-__all__ = ["Event", "RunConfig", "RunOutcome", "config_hash", "run_benchmark", "run_sweep"]
+__all__ = ["Event", "RunConfig", "RunOutcome", "RunSettings", "config_hash", "run_benchmark", "run_sweep"]

@@ -8,7 +8,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors")
+PACKAGES = ("falconbench", "torch", "transformers", "bitsandbytes", "accelerate", "safetensors")
 
 
 def package_version(name: str) -> str | None:

@@ -238,7 +238,6 @@ def load_pretrained(config: RunConfig, source: ModelSource, synchronize) -> Load
     transformers skipped (Falcon's FalconLinear)."""
     from transformers import AutoModelForCausalLM
 
-
     scheme = config.scheme
     # NOTE: safetensors only (torch.load of a pickle can run code) and no remote code, unless the user said so.
     kwargs: dict[str, Any] = {"dtype": torch_dtype(scheme.torch_dtype),

@@ -26,6 +26,8 @@ from .rundir import hold_run_folder, keep_model_config, prepare_output, referenc
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
     require_weights
 from .hub import resolve_or_download
+from .measurement import build_row
+from .settings import RunSettings, describe_shape, dominates, group_loads
 
 WORKER_LOG = "worker.log"
 
@@ -57,6 +59,7 @@ class RunOutcome:
     problems: tuple[str, ...] = ()  # lines of results.jsonl that are not rows ("path:line: reason"), skipped
     report: Any = None  # the ReportResult, when the report was asked for and written
     report_error: str | None = None  # why the asked-for report could not be written (the results stand)
+    reference_choice: str | None = None  # which quality reference was chosen, and why
 
     @property
     def results_path(self) -> Path:
@@ -83,43 +86,33 @@ def resolve_device(device: str) -> str:
     return "cuda" if available else "cpu"
 
 
-def run_benchmark(model: str, dtypes: Sequence[str], device: str = "auto", output: Path | None = None,
-                  on_event: OnEvent | None = None, quality: bool = True, resume: bool = False,
-                  report: bool = False, **settings: Any) -> RunOutcome:
-    """Measure `model` in each of `dtypes`, one fresh process per configuration (the Python API of `run`).
+def run_benchmark(settings: RunSettings, on_event: OnEvent | None = None, report: bool = False) -> RunOutcome:
+    """Measure `settings.model` at every point of the matrix, one fresh process per load configuration (scheme ×
+    attention kernel), its shape points inside it (the Python API of `run`).
 
-    Quality is measured when the model has real weights and `quality` is on; then the reference scheme runs
-    first (added when missing), so its log-probabilities are stored before any scheme is compared with them.
+    Quality is measured when the model has real weights and `settings.quality` is on; then the reference scheme
+    runs first (added when missing), so its log-probabilities are stored before any scheme is compared with them.
     With `report`, the report is written before the output folder's lock is released.
     """
-    if output is not None and not str(output).strip():
+    if settings.output is not None and not str(settings.output).strip():
         raise UsageError("--output is empty. Name a folder, or leave the option out for a new one under reports/")
-    if not dtypes:
-        raise UsageError("no dtype to run. Example: --dtype bf16,int8,nf4")
-    # NOTE: canonical names, so BF16 and bf16 are one configuration and the reference is found among the dtypes
-    dtypes = [get_scheme(d).name for d in dtypes]
-    settings["reference"] = get_scheme(settings.get("reference", "bf16")).name
-    if len(set(dtypes)) != len(dtypes):
-        raise UsageError(f"a dtype is listed twice in {', '.join(dtypes)}; each runs once")
-    check_model_text(model)
-    model = zoo_folder(model)
-    random_weights = settings.get("random_weights", False)
-    source = resolve_or_download(model, settings.get("allow_downloads", False), random_weights,
-                                 settings.get("allow_pickle", False), settings.get("trust_remote_code", False))
-    require_weights(source, random_weights, settings.get("allow_pickle", False))
-    resolved = resolve_device(device)
-    skipped = None if quality and not random_weights else (
-        "random weights: quality needs trained weights" if quality else "--no-quality")
-    if skipped is None:
-        reference = settings.get("reference", "bf16")
-        dtypes = [reference] + [d for d in dtypes if d != reference]
-    configs = [RunConfig(model=model, dtype=d, device=resolved, quality=skipped is None, **settings) for d in dtypes]
+    check_model_text(settings.model)
+    model = zoo_folder(settings.model)
+    source = resolve_or_download(model, settings.allow_downloads, settings.random_weights, settings.allow_pickle,
+                                 settings.trust_remote_code)
+    require_weights(source, settings.random_weights, settings.allow_pickle)
+    resolved = resolve_device(settings.device)
+    skipped = None if settings.quality and not settings.random_weights else (
+        "random weights: quality needs trained weights" if settings.quality else "--no-quality")
+    reference, why = choose_reference(settings.reference, source, resolved)
+    configs = settings.configs(model, resolved, quality=skipped is None, reference=reference)
     check_up_front(configs, source)
-    output_dir = Path(output) if output is not None else default_output_dir(source.name)
+    output_dir = Path(settings.output) if settings.output is not None else default_output_dir(source.name)
     with terminate_as_interrupt(), hold_run_folder(output_dir):
-        rows = run_sweep(configs, output_dir, on_event, resume=resume, quality_skipped=skipped)
+        rows = run_sweep(configs, output_dir, on_event, resume=settings.resume, quality_skipped=skipped)
         _, problems = read_results(output_dir / RESULTS_FILE)
-        outcome = RunOutcome(rows, output_dir, quality_skipped=skipped, problems=tuple(str(p) for p in problems))
+        outcome = RunOutcome(rows, output_dir, quality_skipped=skipped, problems=tuple(str(p) for p in problems),
+                             reference_choice=why if skipped is None else None)
         return replace(outcome, **write_run_report(output_dir)) if report else outcome
 
 
@@ -151,12 +144,48 @@ def check_up_front(configs: Sequence[RunConfig], source: ModelSource) -> None:
     from .config import check_against_model
 
     spec = source.spec()
-    for config in configs[:1]:  # every configuration of a sweep shares these settings
+    for config in configs:  # every point of the matrix must fit the model's positions
         check_against_model(config, spec)
+    for config in configs[:1]:  # every configuration of a sweep shares the quality settings
         if config.quality:
             quality = config.quality_spec()
             check_eval_text(quality)
             check_reference_size(quality.eval_tokens - 1, spec.vocab_size, quality.logprob_dtype)
+
+
+# NOTE: the fp32 reference may use at most this share of the memory available, so it never crowds the machine
+REFERENCE_MEMORY_SHARE = 0.5
+
+
+def choose_reference(asked: str | None, source: ModelSource, device: str) -> tuple[str, str]:
+    """The quality reference and why: as asked, else fp32 where its planned footprint fits in half the memory
+    available (bf16 on disk rounds every weight, so a bf16 reference is itself noisy), else bf16."""
+    if asked is not None:
+        return asked, f"{asked}, as asked (--reference)"
+    planned = plan_point(source.spec(), get_scheme("fp32"), context=1, batch=1, kv_dtype="fp32",
+                         device=device).total_bytes
+    available = available_memory_bytes(device)
+    if available is not None and planned <= REFERENCE_MEMORY_SHARE * available:
+        return "fp32", (f"fp32, the default where it fits: {planned / 2**30:.2f} GiB planned of "
+                        f"{available / 2**30:.2f} GiB available on {device}")
+    where = "unknown" if available is None else f"{available / 2**30:.2f} GiB"
+    return "bf16", f"bf16: fp32 would need {planned / 2**30:.2f} GiB, more than half of the {where} available"
+
+
+def available_memory_bytes(device: str) -> int | None:
+    """Memory free for a new process: MemAvailable on Linux for the CPU, the device's free bytes on CUDA."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(0)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def zoo_folder(model: str) -> str:
@@ -170,10 +199,11 @@ def zoo_folder(model: str) -> str:
 
 def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent | None = None,
               resume: bool = False, quality_skipped: str | None = None) -> list[RunResult]:
-    """Run each configuration in its own process, appending each row to results.jsonl as it finishes.
+    """Run each load configuration in its own process, its shape points inside it, appending each point's row
+    to results.jsonl as it finishes. Rows come back in the order of `configs`.
 
-    With `resume`, configurations whose final row is in the file already are not run again (an interrupted one
-    is); without it, a folder that holds results is refused rather than mixed into.
+    With `resume`, points whose final row is in the file already are not run again (an interrupted one is);
+    without it, a folder that holds results is refused rather than mixed into.
     """
     def notify(event: Event) -> None:
         if on_event is not None:
@@ -181,25 +211,35 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
 
     sources = {model: resolve_model(model) for model in dict.fromkeys(c.model for c in configs)}
     planned = [planned_row(config, quality_skipped, sources[config.model]) for config in configs]
+    rows: dict[int, RunResult] = {}
+    total = len(configs)
+    bandwidth: dict[str, Any] = {}  # measured by the first worker, handed to the others: once per run
     with terminate_as_interrupt(), hold_run_folder(output_dir):
         results_path = prepare_output(output_dir)
         done = resume_rows(results_path, planned, resume, lambda row: bool(reference_unusable(row, output_dir)))
         if sources:
             keep_model_config(next(iter(sources.values())), output_dir)
-        rows = []
-        for index, (config, base) in enumerate(zip(configs, planned)):
-            notify(Event("start", index, len(configs), config))
-            if base.config_hash in done:
-                row = done[base.config_hash]
-                notify(Event("done", index, len(configs), config, row=row, resumed=True))
-                rows.append(row)
-                continue
-            row = run_isolated(config, base, output_dir,
-                               lambda phase, i=index, c=config: notify(Event("phase", i, len(configs), c, phase)))
-            append_result(results_path, row)
-            rows.append(row)
-            notify(Event("done", index, len(configs), config, row=row))
-        return rows
+        for load in group_loads(configs, lambda c: planned[configs.index(c)].planned_total_bytes or 0):
+            for index in load:
+                if planned[index].config_hash in done:
+                    rows[index] = done[planned[index].config_hash]
+                    notify(Event("done", index, total, configs[index], row=rows[index], resumed=True))
+            todo = [i for i in load if i not in rows]
+
+            def finished(index: int, row: RunResult) -> None:
+                append_result(results_path, row)
+                rows[index] = row
+                copied = row.environment.get("copy_bandwidth") if isinstance(row.environment, dict) else None
+                if not bandwidth and isinstance(copied, dict) and copied.get("bytes_per_second"):
+                    bandwidth.update(copied)
+                notify(Event("done", index, total, configs[index], row=row))
+
+            if todo:
+                notify(Event("start", todo[0], total, configs[todo[0]]))
+                run_load([configs[i] for i in todo], [planned[i] for i in todo], output_dir,
+                         lambda i, phase, todo=todo: notify(Event("phase", todo[i], total, configs[todo[i]], phase)),
+                         lambda i, row, todo=todo: finished(todo[i], row), bandwidth or None)
+    return [rows[i] for i in range(total)]
 
 
 @contextmanager
@@ -232,8 +272,7 @@ def planned_row(config: RunConfig, quality_skipped: str | None = None,
                       kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device)
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
-                     planned_weights_bytes=plan.weights_bytes, planned_kv_cache_bytes=plan.kv_cache_bytes,
-                     planned_total_bytes=plan.total_bytes, falconbench_version=__version__,
+                     plan=plan.as_dict(), falconbench_version=__version__,
                      quality={"skipped": f"quality not measured: {quality_skipped}"} if quality_skipped else {})
 
 
@@ -280,21 +319,42 @@ def signals_blocked(signals: frozenset):
         raise KeyboardInterrupt(*([] if arrived[0] == signal.SIGINT else [signal.Signals(arrived[0]).name]))
 
 
-def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase: Callable[[str], None]) -> RunResult:
-    """Spawn the worker for `config`, relay its phases, and build the row from its answer or its death."""
+def run_load(configs: Sequence[RunConfig], bases: Sequence[RunResult], output_dir: Path,
+             on_phase: Callable[[int, str], None], on_row: Callable[[int, RunResult], None],
+             bandwidth: dict[str, Any] | None = None) -> None:
+    """The points of one load, in order, in a spawned worker; each row goes to `on_row` as it arrives. A worker that
+    dies takes the point in flight with it (its row says how); when it died of memory, the points that need at
+    least as much are skipped, and a fresh worker runs the rest."""
+    pending = list(range(len(configs)))
+    while pending:
+        answered = run_isolated([configs[i] for i in pending], [bases[i] for i in pending], output_dir,
+                                lambda i, phase: on_phase(pending[i], phase),
+                                lambda i, row: on_row(pending[i], row), bandwidth)
+        if answered is None:
+            return
+        pending = [pending[i] for i in answered]
+
+
+def run_isolated(configs: Sequence[RunConfig], bases: Sequence[RunResult], output_dir: Path,
+                 on_phase: Callable[[int, str], None], on_row: Callable[[int, RunResult], None],
+                 bandwidth: dict[str, Any] | None = None) -> list[int] | None:
+    """Spawn one worker for the points of one load and relay its phases and rows. Returns None when every point
+    has its row, else the indices still to run after the worker died."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     log_path = output_dir / WORKER_LOG
+    first = configs[0]
     try:
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n=== {base.model} {config.dtype} {base.config_hash} {_now()} ===\n")
+            log.write(f"\n=== {bases[0].model} {first.dtype} {first.attn_impl} {len(configs)} point(s) {_now()} ===\n")
     except OSError as exc:
         raise RunError(f"cannot write {log_path}: {exc.strerror or exc}. Free some space or choose another "
                        "--output folder") from None
-    process = context.Process(target=worker.child_main, args=(config.as_dict(), sender, str(log_path),
-                                                              str(output_dir)),
-                              name=f"falconbench-{config.dtype}")
-    result = None
+    process = context.Process(target=worker.child_main, args=([c.as_dict() for c in configs], sender,
+                                                              str(log_path), str(output_dir), bandwidth),
+                              name=f"falconbench-{first.dtype}-{first.attn_impl}")
+    answered: set[int] = set()
+    failure = None
     try:
         with signals_blocked(STOP_SIGNALS):
             process.start()
@@ -305,16 +365,23 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
             except EOFError:
                 break
             if message["kind"] == "phase":
-                on_phase(message["phase"])
-            elif message["kind"] == "result":
-                result = message
+                on_phase(message["index"], message["phase"])
+            elif message["kind"] == "point":
+                index = message["index"]
+                answered.add(index)
+                on_row(index, build_row(bases[index], message["status"], message["error"], message["measurement"]))
+            elif message["kind"] == "failed":
+                failure = message
         process.join()
     except KeyboardInterrupt as stop:
         if process.pid is not None:
             process.kill()
             process.join()
         how = f"by {stop.args[0]}" if stop.args else "by the user (Ctrl-C)"
-        append_result(output_dir / RESULTS_FILE, finish(base, "interrupted", f"interrupted {how}", {}))
+        in_flight = next((i for i in range(len(configs)) if i not in answered), None)
+        if in_flight is not None:
+            append_result(output_dir / RESULTS_FILE, build_row(bases[in_flight], "interrupted",
+                                                               f"interrupted {how}", None))
         raise
     finally:
         if process.is_alive():  # any other way out of this function: never leave the worker running
@@ -322,10 +389,23 @@ def run_isolated(config: RunConfig, base: RunResult, output_dir: Path, on_phase:
             process.join()
         sender.close()
         receiver.close()
-    if result is None:
-        return finish(base, death_status(process.exitcode, config.memory_cap_bytes),
-                      death_message(process.exitcode, log_path, config.memory_cap_bytes), {})
-    return finish(base, result["status"], result["error"], result["fields"])
+    left = [i for i in range(len(configs)) if i not in answered]
+    if not left:
+        return None
+    if failure is not None:  # the worker could not start measuring: every point left shares its failure
+        for index in left:
+            on_row(index, build_row(bases[index], failure["status"], failure["error"], None))
+        return None
+    died, rest = left[0], left[1:]
+    status = death_status(process.exitcode, first.memory_cap_bytes)
+    on_row(died, build_row(bases[died], status, death_message(process.exitcode, log_path, first.memory_cap_bytes),
+                           None))
+    if status == "oom":
+        for index in [i for i in rest if dominates(configs[i], configs[died])]:
+            on_row(index, build_row(bases[index], "skipped", f"not run: it needs at least what "
+                                    f"{describe_shape(configs[died])} needed, which ran out of memory", None))
+        rest = [i for i in rest if not dominates(configs[i], configs[died])]
+    return rest or None
 
 
 # NOTE: under RLIMIT_AS, native code that does not check its allocations crashes at the cap instead of raising
@@ -352,11 +432,6 @@ def death_message(exitcode: int | None, log_path: Path, memory_cap_bytes: int | 
                     "failing cleanly)")
         return f"the worker process was killed by {name}{hint}. See {log_path}"
     return f"the worker process exited with code {exitcode} without a result. See {log_path}"
-
-
-def finish(base: RunResult, status: str, error: str | None, fields: dict[str, Any]) -> RunResult:
-    """The planned row completed with what the worker measured."""
-    return replace(base, status=status, error=error, timestamp=_now(), **fields)
 
 
 def _now() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 
 class CudaApi(Protocol):
@@ -136,6 +136,21 @@ class ProcRss:
         return self._status_kib("VmHWM")
 
 
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc's malloc_trim), so a phase's RSS growth counts its
+    own allocations rather than reusing what an earlier phase freed; nothing where glibc is not the allocator.
+
+    NOTE: glibc keeps freed blocks below its mmap threshold (which rises to 32 MiB as large blocks are freed) in
+    its arenas; without this, prefill after the quality phase allocates tens of MiB and RSS does not move.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakSampler:
     """Reads `read()` every `interval` seconds on a thread and keeps the maximum (for NVML, or RSS off Linux)."""
 
@@ -164,13 +179,16 @@ class CpuTracker:
 
     device = "cpu"
 
-    def __init__(self, rss: RssSource | None = None, interval: float = 0.005):
+    def __init__(self, rss: RssSource | None = None, interval: float = 0.005,
+                 release: Callable[[], None] | None = None):
         self.rss_source = rss or ProcRss()
         self.interval = interval
+        self.release = release or (release_free_memory if rss is None else (lambda: None))
         self.baseline = 0
         self.phases: dict[str, dict[str, int]] = {}
         self._sampler: PeakSampler | None = None
         self._kernel_peak = False
+        self._start = 0
 
     def read_baseline(self) -> None:
         """Nothing yet: the RSS baseline is taken by `start`, after the imports, so library code does not count."""
@@ -182,6 +200,8 @@ class CpuTracker:
         """Nothing to wait for: CPU work is done when the call returns."""
 
     def begin(self, phase: str) -> None:
+        self.release()
+        self._start = self.rss_source.rss()
         self._kernel_peak = self.rss_source.reset_peak()
         if not self._kernel_peak:
             self._sampler = PeakSampler(self.rss_source.rss, self.interval).__enter__()
@@ -193,13 +213,21 @@ class CpuTracker:
         kernel = (self.rss_source.peak() or 0) if self._kernel_peak else 0
         self._sampler = None
         peak = max(sampled, kernel, self.rss_source.rss())
-        previous = self.phases.get(phase, {}).get("rss_peak_bytes", 0)
-        self.phases[phase] = {"rss_peak_bytes": max(peak, previous), "rss_end_bytes": self.rss_source.rss()}
+        previous = self.phases.get(phase, {})
+        # growth: what this phase added on top of what was resident when it began (the largest of its repeats)
+        self.phases[phase] = {"rss_peak_bytes": max(peak, previous.get("rss_peak_bytes", 0)),
+                              "rss_end_bytes": self.rss_source.rss(),
+                              "growth_bytes": max(peak - self._start, previous.get("growth_bytes", 0))}
 
-    def peak_bytes(self) -> int | None:
-        """Peak RSS over all phases, minus the baseline."""
-        peaks = [p["rss_peak_bytes"] for p in self.phases.values()]
+    def peak_bytes(self, phases: Iterable[str] | None = None) -> int | None:
+        """Peak RSS over all phases (or those named), minus the baseline."""
+        peaks = [p["rss_peak_bytes"] for name, p in self.phases.items() if phases is None or name in phases]
         return max(peaks) - self.baseline if peaks else None
+
+    def forget(self, phases: Iterable[str]) -> None:
+        """Drop the figures of `phases`, so the next shape point's are its own."""
+        for name in phases:
+            self.phases.pop(name, None)
 
     def summary(self) -> dict[str, Any]:
         return {"rss_baseline_bytes": self.baseline, "peak_source": "kernel VmHWM" if self._kernel_peak
@@ -217,6 +245,7 @@ class CudaTracker:
         self.context_bytes: int | None = None
         self.phases: dict[str, dict[str, int]] = {}
         self._sampler: PeakSampler | None = None
+        self._start = 0
 
     def read_baseline(self) -> None:
         """The device's used bytes before this process touches CUDA (libraries may initialize it on import)."""
@@ -237,6 +266,7 @@ class CudaTracker:
     def begin(self, phase: str) -> None:
         self.cuda.synchronize()
         self.cuda.reset_peak()
+        self._start = self.cuda.allocated()
         if self.nvml:
             self._sampler = PeakSampler(self.nvml.used_bytes, self.interval).__enter__()
 
@@ -244,6 +274,8 @@ class CudaTracker:
         self.cuda.synchronize()
         row = {"torch_peak_allocated_bytes": self.cuda.max_allocated(),
                "torch_peak_reserved_bytes": self.cuda.max_reserved()}
+        # growth: the tensors this phase allocated on top of those alive when it began (torch's own count)
+        row["growth_bytes"] = row["torch_peak_allocated_bytes"] - self._start
         if self._sampler is not None:
             self._sampler.__exit__(None, None, None)
             row["nvml_peak_used_bytes"] = self._sampler.peak - self.baseline
@@ -251,11 +283,17 @@ class CudaTracker:
         previous = self.phases.get(phase, {})
         self.phases[phase] = {k: max(v, previous.get(k, v)) for k, v in row.items()}
 
-    def peak_bytes(self) -> int | None:
-        """NVML's peak device use minus the baseline; without NVML, torch's peak reserved plus nothing else."""
+    def peak_bytes(self, phases: Iterable[str] | None = None) -> int | None:
+        """NVML's peak device use minus the baseline (over all phases, or those named); without NVML, torch's
+        peak reserved plus nothing else."""
         key = "nvml_peak_used_bytes" if self.nvml else "torch_peak_reserved_bytes"
-        peaks = [p[key] for p in self.phases.values() if key in p]
+        peaks = [p[key] for name, p in self.phases.items() if key in p and (phases is None or name in phases)]
         return max(peaks) if peaks else None
+
+    def forget(self, phases: Iterable[str]) -> None:
+        """Drop the figures of `phases`, so the next shape point's are its own."""
+        for name in phases:
+            self.phases.pop(name, None)
 
     def summary(self) -> dict[str, Any]:
         return {"nvml_baseline_bytes": self.baseline, "cuda_context_bytes": self.context_bytes,

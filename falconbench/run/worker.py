@@ -1,8 +1,10 @@
 """The spawned process that measures one configuration, and reports through a pipe.
 
-Messages to the parent: {"kind": "phase", "phase": ...} as work advances, then exactly one
-{"kind": "result", "status": ..., "error": ..., "fields": {...}}. `fields` holds what was measured before any
-failure, so an out-of-memory row still says what loading cost.
+One process per load configuration (scheme × attention kernel): it loads once, then measures each shape point.
+Messages to the parent: {"kind": "phase", "index": i, "phase": ...} as work advances, one {"kind": "point",
+"index": i, "status": ..., "error": ..., "measurement": Measurement} per point, in order, or {"kind": "failed"}
+when the process cannot even start measuring. A measurement holds what was measured before any failure, so an
+out-of-memory row still says what loading cost.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import os
 import signal
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FalconbenchError, RunError
 from ..sources import resolve_model
 from .config import RunConfig
+from .measurement import LoadMeasurement, Measurement, SpeedMeasurement
 from .stats import summarize
 
 Emit = Callable[..., None]
@@ -27,32 +31,35 @@ Emit = Callable[..., None]
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate", "alloc_failed")
 
 
-def child_main(config: dict[str, Any], conn, log_path: str | None = None, output_dir: str | None = None) -> None:
-    """Entry point of the spawned process (a module-level function, as the spawn context needs)."""
+def child_main(configs: list[dict[str, Any]], conn, log_path: str | None = None, output_dir: str | None = None,
+               bandwidth: dict[str, Any] | None = None) -> None:
+    """Entry point of the spawned process (a module-level function, as the spawn context needs): one load, then
+    each of `configs` (its shape points, smallest first)."""
     end_with_parent()
     if log_path:
         redirect_output(log_path)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if not config.get("allow_downloads"):  # never reach the hub unless the user allowed it
+    if not configs[0].get("allow_downloads"):  # never reach the hub unless the user allowed it
         os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    fields: dict[str, Any] = {}
 
     def emit(kind: str, **data: Any) -> None:
         conn.send({"kind": kind, **data})
 
     try:
-        measure(RunConfig(**config), emit, fields, Path(output_dir) if output_dir else None)
-        emit("result", status="ok", error=None, fields=fields)
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes the row's status, the sweep goes on
-        status = "oom" if is_oom(exc) else ("interrupted" if isinstance(exc, KeyboardInterrupt) else "error")
-        emit("result", status=status, error=describe(exc), fields=fields)
+        measure_load([RunConfig(**c) for c in configs], emit, Path(output_dir) if output_dir else None, bandwidth)
+    except BaseException as exc:  # noqa: BLE001 - a failure before any point: the parent marks the points
+        emit("failed", status=failure_status(exc), error=describe(exc))
     finally:
         conn.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        # NOTE: the row is sent; skip the interpreter's teardown of torch and transformers (about 2.5 s of
+        # NOTE: the rows are sent; skip the interpreter's teardown of torch and transformers (about 2.5 s of
         # module finalization per configuration, measured with benchmarks/run_overhead.py).
         os._exit(0)
+
+
+def failure_status(exc: BaseException) -> str:
+    return "oom" if is_oom(exc) else ("interrupted" if isinstance(exc, KeyboardInterrupt) else "error")
 
 
 def end_with_parent() -> None:
@@ -117,36 +124,99 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def measure(config: RunConfig, emit: Emit, fields: dict[str, Any], output_dir: Path | None = None) -> None:
-    """Load, guard, prefill + decode with warmup and repeats, measure, then score quality; fill `fields` as each
-    part finishes."""
-    from . import environment, loading, trackers
+def measure_load(points: list[RunConfig], emit: Emit, output_dir: Path | None,
+                 bandwidth: dict[str, Any] | None = None) -> None:
+    """Load once, score quality once, then measure every shape point in order, each sent as its own result. An
+    out-of-memory point is its row; the points that need at least as much are sent as skipped."""
+    from . import environment, trackers
 
-    source = resolve_model(config.model)
-    emit("phase", phase="setup")
-    tracker = trackers.make_tracker(config.device)
+    first = points[0]
+    source = resolve_model(first.model)
+    emit("phase", index=0, phase="setup")
+    tracker = trackers.make_tracker(first.device)
     tracker.read_baseline()
     import torch
 
-    torch.manual_seed(config.seed)
-    loading.import_libraries(config, source)
+    torch.manual_seed(first.seed)
+    from . import loading
+
+    loading.import_libraries(first, source)
     quiet_libraries()
-    if config.memory_cap_bytes:
-        cap_memory(config.memory_cap_bytes)
+    env = environment.environment(first.device, getattr(tracker, "nvml", None))
+    env["copy_bandwidth"] = bandwidth or measure_bandwidth(first.device)
+    if first.memory_cap_bytes:
+        cap_memory(first.memory_cap_bytes)
     tracker.start()
-    fields["environment"] = environment.environment(config.device, getattr(tracker, "nvml", None))
-    model = load_phase(config, source, tracker, emit, fields)
-    speed_phase(config, model, tracker, emit, fields)
-    fields["memory"] = {**fields.get("memory", {}), **tracker.summary()}
-    fields["peak_memory_bytes"] = tracker.peak_bytes()
-    if config.quality:  # after the speed phases, so it never disturbs their timings or peaks
-        emit("phase", phase="quality")
-        quality_phase(config, source, model, output_dir, fields)
+    base = Measurement(env, tracker_summary(tracker))
+    try:
+        model, load = load_phase(first, source, tracker, emit)
+    except LoadFailed as failed:
+        for index in range(len(points)):
+            emit("point", index=index, status=failure_status(failed.cause), error=describe(failed.cause),
+                 measurement=replace(base, load=failed.load, tracker=tracker_summary(tracker)))
+        return
+    base = replace(base, load=load, tracker=tracker_summary(tracker))
+    if first.quality:  # once per load, before the points: every point's peaks are reset and measured from there
+        emit("phase", index=0, phase="quality")
+        base = replace(base, **quality_phase(first, source, model, output_dir))
+    measure_points(points, model, tracker, emit, base)
 
 
-def quality_phase(config: RunConfig, source, model, output_dir: Path | None, fields: dict[str, Any]) -> None:
-    """Perplexity, KL and top-1 agreement against the reference on the same loaded model. A failure here (no
-    tokenizer, a failed reference) skips quality with its reason; the speed and memory figures stand."""
+def measure_points(points: list[RunConfig], model, tracker, emit: Emit, base: Measurement) -> None:
+    """Each shape point with its own warmup and repeats; after an out-of-memory point, the points it bounds are
+    skipped (see `settings.dominates`)."""
+    from .settings import describe_shape, dominates
+
+    failed: list[RunConfig] = []
+    for index, point in enumerate(points):
+        bound = next((f for f in failed if dominates(point, f)), None)
+        if bound is not None:
+            emit("point", index=index, status="skipped", measurement=base,
+                 error=f"not run: it needs at least what {describe_shape(bound)} needed, which ran out of memory")
+            continue
+        try:
+            speed = speed_phase(point, model, tracker, lambda phase, i=index: emit("phase", index=i, phase=phase))
+        except Exception as exc:  # noqa: BLE001 - one point's failure is its row; the others run on
+            status, error = failure_status(exc), describe(exc)
+        else:
+            emit("point", index=index, status="ok", error=None, measurement=replace(base, speed=speed))
+            continue
+        if status == "oom":
+            failed.append(point)
+        release_memory(point.device)  # out of the except block: the exception's frames (and tensors) are gone
+        emit("point", index=index, status=status, error=error, measurement=base)
+
+
+def release_memory(device: str) -> None:
+    """Give back what a failed point left (its frames are gone with the exception), before the next point."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def measure_bandwidth(device: str) -> dict[str, Any]:
+    """The device's copy bandwidth, or why it could not be measured (a bound is then not shown)."""
+    from .bandwidth import measure_copy_bandwidth
+
+    try:
+        return measure_copy_bandwidth(device)
+    except Exception as exc:  # noqa: BLE001 - the bound is an addition; its failure must not void the run
+        return {"bytes_per_second": None, "device": device, "method": f"not measured: {describe(exc)}"}
+
+
+def tracker_summary(tracker) -> dict[str, Any]:
+    summary = dict(tracker.summary())
+    summary.pop("phases", None)
+    return summary
+
+
+def quality_phase(config: RunConfig, source, model, output_dir: Path | None) -> dict[str, Any]:
+    """Perplexity, KL and top-1 agreement against the reference on the loaded model: {"quality": result}, or
+    {"quality_skipped": reason} when it fails (no tokenizer, a failed reference); the speed and memory stand."""
     from ..quality import measure_quality
 
     try:
@@ -161,39 +231,51 @@ def quality_phase(config: RunConfig, source, model, output_dir: Path | None, fie
                            "is scored on text, so the folder needs its tokenizer files") from None
         from .config import weights_fingerprint
 
-        result = measure_quality(model, tokenizer, config.quality_spec(), output_dir,
-                                 is_reference=config.dtype == config.reference,
-                                 model_id=str(Path(source.folder).resolve()),
-                                 weights=weights_fingerprint(source.folder, config.allow_pickle))
-        fields.update(result.as_fields())
+        return {"quality": measure_quality(model, tokenizer, config.quality_spec(), output_dir,
+                                           is_reference=config.dtype == config.reference,
+                                           model_id=str(Path(source.folder).resolve()),
+                                           weights=weights_fingerprint(source.folder, config.allow_pickle))}
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - quality is an addition: its failure must not void the row
-        fields["quality"] = {"skipped": f"quality not measured: {describe(exc)}"}
+        return {"quality_skipped": describe(exc)}
 
 
-def load_phase(config: RunConfig, source, tracker, emit: Emit, fields: dict[str, Any]):
+class LoadFailed(Exception):
+    """Loading failed: the cause, and what was measured before it (None when the load itself failed)."""
+
+    def __init__(self, cause: BaseException, load: LoadMeasurement | None = None):
+        super().__init__(str(cause))
+        self.cause, self.load = cause, load
+
+
+def load_phase(config: RunConfig, source, tracker, emit: Emit):
     """Load the model, measure its weights, and refuse a quantized label on an unquantized model."""
     from . import footprint, loading
     from .trackers import timed
 
-    emit("phase", phase="load")
+    emit("phase", index=0, phase="load")
     tracker.begin("load")
-    loaded, seconds = timed(lambda: loading.load_model(config, source, tracker.synchronize), tracker.synchronize)
-    tracker.end("load")
+    try:
+        loaded, seconds = timed(lambda: loading.load_model(config, source, tracker.synchronize),
+                                tracker.synchronize)
+    except Exception as exc:  # noqa: BLE001 - every point of this load gets the failure as its status
+        raise LoadFailed(exc) from None
+    finally:
+        tracker.end("load")
     quantized, linear = loading.count_quantized(loaded.model)
     census = loading.parameter_census(loaded.model)
-    fields.update(load_seconds=seconds, quantized_layers=quantized, linear_layers=linear,
-                  quantized_params=census.quantized_params, params=census.params,
-                  weights_bytes=footprint.weights_bytes(loaded.model))
-    fields["latency"] = {"load_seconds": {**loaded.seconds, "total": seconds}}
-    fields["memory"] = {"quantized_by": loaded.quantized_by, "phases": dict(tracker.phases)}
-    fields["peak_memory_bytes"] = tracker.peak_bytes()
-    if config.scheme.quantized and census.float_blocks:
-        fields["memory"]["unquantized_blocks"] = [list(block) for block in census.float_blocks]
-    check_quantized(config, quantized, linear)
-    check_quantized_share(config, census, planned_quantized_params(config, source))
-    return loaded.model
+    blocks = [list(block) for block in census.float_blocks] if config.scheme.quantized else []
+    load = LoadMeasurement(seconds=seconds, steps=loaded.seconds, weights_bytes=footprint.weights_bytes(loaded.model),
+                           quantized_layers=quantized, linear_layers=linear, quantized_params=census.quantized_params,
+                           params=census.params, unquantized_blocks=blocks, quantized_by=loaded.quantized_by,
+                           phase=tracker.phases["load"], peak_bytes=tracker.peak_bytes(("load",)))
+    try:
+        check_quantized(config, quantized, linear)
+        check_quantized_share(config, census, planned_quantized_params(config, source))
+    except RunError as exc:
+        raise LoadFailed(exc, load) from None
+    return loaded.model, load
 
 
 def check_quantized(config: RunConfig, quantized: int, linear: int) -> None:
@@ -221,31 +303,40 @@ def check_quantized_share(config: RunConfig, census, planned: int) -> None:
                    "would not measure the planned configuration. Check the model's layer types")
 
 
-def speed_phase(config: RunConfig, model, tracker, emit: Emit, fields: dict[str, Any]) -> None:
-    """Warmup runs, then `repeats` timed runs; the KV cache is measured from the last run's cache object."""
+SPEED_PHASES = ("prefill", "decode")
+
+
+def speed_phase(config: RunConfig, model, tracker, on_phase: Callable[[str], None]) -> SpeedMeasurement:
+    """One shape point: warmup runs, then `repeats` timed runs with peaks reset at each phase; the KV cache is
+    measured from the last run's cache object."""
     from . import footprint
     from .decode import generate_fixed, prompt_ids
 
+    tracker.forget(SPEED_PHASES)
     ids = prompt_ids(model.config.vocab_size, config.batch, config.prompt_tokens, config.seed, config.device)
     for number in range(config.warmup):
-        emit("phase", phase=f"warmup {number + 1}/{config.warmup}")
+        on_phase(f"warmup {number + 1}/{config.warmup}")
         generate_fixed(model, ids, config.new_tokens, tracker, track=False)
     runs = []
     for number in range(config.repeats):
-        emit("phase", phase=f"prefill+decode {number + 1}/{config.repeats}")
+        on_phase(f"prefill+decode {number + 1}/{config.repeats}")
         if runs:
             # NOTE: only the last run's cache is measured; an earlier one kept alive would sit in memory during
             # this run and add a whole KV cache per repeat to its prefill and decode peaks.
             runs[-1].cache = None
         runs.append(generate_fixed(model, ids, config.new_tokens, tracker))
     last = runs[-1]
-    fields["kv_cache_bytes"] = footprint.kv_cache_bytes(last.cache)
-    fields["memory"]["kv_cache_tokens"] = footprint.cached_tokens(last.cache)
-    fields["memory"]["weights_bytes_after_run"] = footprint.weights_bytes(model)
-    fields["latency"].update(speed_summary(runs, config.batch))
-    fields["ttft_seconds"] = fields["latency"]["ttft_seconds"]["median"]
-    rates = fields["latency"].get("decode_tokens_per_second")
-    fields["decode_tokens_per_second"] = rates["median"] if rates else None
+    kv_bytes, kv_tokens = footprint.kv_cache_bytes(last.cache), footprint.cached_tokens(last.cache)
+    summary = speed_summary(runs, config.batch)
+    return SpeedMeasurement(
+        ttft_seconds=summary["ttft_seconds"], decode_token_seconds=summary.get("decode_token_seconds"),
+        decode_tokens_per_second=summary.get("decode_tokens_per_second"),
+        generate_seconds=summary.get("generate_seconds"), kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens,
+        # the cache holds the same bytes per token throughout (no sliding window shorter than the run: see plan)
+        prompt_kv_cache_bytes=kv_bytes * min(config.prompt_tokens, kv_tokens) // max(kv_tokens, 1),
+        weights_bytes_after_run=footprint.weights_bytes(model),
+        phases={name: dict(tracker.phases[name]) for name in SPEED_PHASES if name in tracker.phases},
+        peak_bytes=tracker.peak_bytes(SPEED_PHASES))
 
 
 def speed_summary(runs, batch: int) -> dict[str, Any]:
