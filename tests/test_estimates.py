@@ -1,10 +1,6 @@
-"""The planner's runtime estimates against the library itself: the peak of live tensors during a real prefill.
-
-Every tensor a forward allocates is counted through a TorchDispatchMode (its storage's bytes, released when the
-storage is freed), so the peak is exact and independent of the allocator, unlike resident memory.
-"""
-
-import weakref
+"""The planner's runtime estimates against the library itself: the peak of live tensors during a real prefill
+(falconbench/run/live_tensors.py counts every tensor a forward allocates, so the peak is exact and independent of
+the allocator, unlike resident memory)."""
 
 import pytest
 
@@ -12,34 +8,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from falconbench.planner import activation_bytes, attention_scores_bytes  # noqa: E402
+from falconbench.run.live_tensors import prefill_peak as live_prefill_peak  # noqa: E402
 from falconbench.sources import resolve_model  # noqa: E402
 from tiny_models import TINY_LLAMA, write_config  # noqa: E402
-
-
-class LiveTensorPeak(torch.utils._python_dispatch.TorchDispatchMode):
-    """The most bytes of tensor storage alive at once while the mode is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key, size = storage.data_ptr(), storage.nbytes()
-                if size and key not in self.seen:
-                    self.seen.add(key)
-                    self.live += size
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, size)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self.live -= size
-        self.seen.discard(key)
 
 
 def prefill_peak(dtype: str, attn: str, tokens: int, batch: int) -> tuple[int, int, int]:
@@ -52,13 +23,7 @@ def prefill_peak(dtype: str, attn: str, tokens: int, batch: int) -> tuple[int, i
     ids = torch.randint(0, hf.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(input_ids=ids, use_cache=True, logits_to_keep=1)  # first-call allocations (rotary tables) aside
-        peak = LiveTensorPeak()
-        with peak:
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        kv = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
-                 for layer in out.past_key_values.layers)
-        logits = out.logits.untyped_storage().nbytes()
-    return peak.peak - kv - logits, kv, logits
+    return live_prefill_peak(model, ids)
 
 
 @pytest.mark.parametrize("dtype, width", [("bfloat16", 2), ("float32", 4)])

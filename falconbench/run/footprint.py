@@ -92,8 +92,9 @@ def cache_tensors(cache: Any) -> Iterator[Any]:
 
 
 def cache_output(output: Any) -> Any:
-    """The cache a model's forward returned: `past_key_values`, or `cache` (recurrent models)."""
-    for name in ("past_key_values", "cache"):
+    """The cache a model's forward returned: `cache` (transformers 5.2x's name), or `past_key_values` before it
+    (reading the old name on a new output warns that it is deprecated)."""
+    for name in ("cache", "past_key_values"):
         cache = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
         if cache is not None:
             return cache
