@@ -28,9 +28,11 @@ DEVICES: tuple[str, ...] = ("cuda", "cpu")
 CUDA_CONTEXT_BYTES = 512 * MIB
 # Estimate: the share of a card kept free for the allocator's fragmentation and the display/driver.
 SAFETY_MARGIN = 0.05
-LOGITS_BYTES_PER_ELEMENT = 4  # transformers upcasts logits to float32
-# During generate, prefill computes logits for the last position only (transformers' `logits_to_keep=1`).
+# During generate, prefill computes logits for the last position only (transformers' `logits_to_keep=1`), in the
+# model's compute dtype (transformers 5 no longer upcasts them in the model), and generate copies them to float32
+# (`.to(copy=True, dtype=torch.float32)` in generation/utils.py): both are alive at once.
 LOGITS_POSITIONS_IN_GENERATE = 1
+LOGITS_COPY_BYTES_PER_ELEMENT = 4
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,15 @@ def fits_on(total_bytes: int, gpu: GPU, margin: float = SAFETY_MARGIN) -> bool:
 
 
 def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtype: str = KV_DTYPE_AUTO,
-               attn_impl: str = "sdpa", device: str = "cuda") -> PlanRow:
-    """Plan one model in one scheme at one context length and batch size."""
+               attn_impl: str = "sdpa", device: str = "cuda", prefill_tokens: int | None = None) -> PlanRow:
+    """Plan one model in one scheme at one context length and batch size.
+
+    The KV cache holds `context` tokens; the prefill's transients (activations, eager scores) are sized for
+    `prefill_tokens`, the whole context unless given (a run prefills its prompt, then decodes up to the context).
+    """
     check_positive("context", context)
     check_positive("batch", batch)
+    prefill = context if prefill_tokens is None else min(check_positive("prefill tokens", prefill_tokens), context)
     if attn_impl not in ATTN_IMPLS:
         raise UsageError(f"unknown attention implementation {attn_impl!r}. Choose from: {', '.join(ATTN_IMPLS)}")
     if device not in DEVICES:
@@ -245,9 +252,9 @@ def plan_point(spec: ArchSpec, scheme: Scheme, context: int, batch: int, kv_dtyp
         attention=spec.attention, kv_heads=spec.num_kv_heads, params=spec.param_count,
         weights_bytes=weights_bytes(spec, scheme), kv_cache_bytes=sum(split.values()),
         cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
-        activation_bytes=activation_bytes(spec, context, batch, act_bytes),
-        attention_scores_bytes=attention_scores_bytes(spec, context, batch, act_bytes, attn_impl),
-        logits_bytes=batch * LOGITS_POSITIONS_IN_GENERATE * spec.vocab_size * LOGITS_BYTES_PER_ELEMENT,
+        activation_bytes=activation_bytes(spec, prefill, batch, act_bytes),
+        attention_scores_bytes=attention_scores_bytes(spec, prefill, batch, act_bytes, attn_impl),
+        logits_bytes=batch * LOGITS_POSITIONS_IN_GENERATE * spec.vocab_size * (act_bytes + LOGITS_COPY_BYTES_PER_ELEMENT),
         attn_impl=attn_impl, device=device, quantized_params=quantized_params(spec, scheme),
         kv_cache_by_layer_type=split, exactness=spec.exactness,
         unquantized_params=sum(n for _, n in unquantized_blocks(spec, scheme)), warnings=tuple(warnings),

@@ -10,7 +10,7 @@ import pytest
 from falconbench.errors import RunError, UsageError
 from falconbench.run.config import (RunConfig, config_hash, default_output_dir, model_identity,
                                     quantization_settings, require_weights, sanitize)
-from falconbench.run.stats import coefficient_of_variation, percentile, ratio, relative_error, summarize
+from falconbench.run.stats import coefficient_of_variation, percentile, summarize
 from falconbench.schemes import SCHEMES, get_scheme
 from falconbench.sources import resolve_model
 
@@ -104,12 +104,6 @@ def test_percentile_median_and_spread():
     assert coefficient_of_variation([1.0, 3.0]) == pytest.approx(2 ** 0.5 / 2)
     with pytest.raises(ValueError):
         percentile([], 50)
-
-
-def test_relative_error_and_ratio():
-    assert relative_error(103, 100) == pytest.approx(0.03)
-    assert relative_error(None, 100) is None and relative_error(1, 0) is None
-    assert ratio(50, 100) == 0.5 and ratio(1, None) is None
 
 
 def test_settings_are_json():

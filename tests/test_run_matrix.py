@@ -110,6 +110,40 @@ def test_an_out_of_memory_point_is_its_row_and_larger_points_are_skipped(tmp_pat
     assert by_shape[8192, 1].weights_bytes > 0 and by_shape[8192, 1].planned_total_bytes > 2**30
     assert by_shape[8192, 2].status == "skipped"
     assert "prompt 8192 + 2 new × batch 1 needed, which ran out of memory" in by_shape[8192, 2].error
+    # resumed after the skipped row was lost: the recorded oom still bounds it, and no process starts for it
+    lines = (folder / "results.jsonl").read_text().splitlines(keepends=True)
+    (folder / "results.jsonl").write_text("".join(l for l in lines if json.loads(l)["status"] != "skipped"))
+    again = CliRunner().invoke(cli, ["run", "-m", str(model), "--random-weights", "-d", "bf16", "--attn", "eager",
+                                     "--prompt-tokens", "8,8k", "-b", "1,2", "--new-tokens", "2", "--repeats", "1",
+                                     "--warmup", "0", "--device", "cpu", "--memory-cap", "512M", "-o", str(folder),
+                                     "--resume"], catch_exceptions=False)
+    assert again.exit_code == EXIT_FAILURE, again.output
+    assert "p8192+2 b2: skipped: not run" in again.output  # recorded now, not found in the file
+    rows, _ = read_results(folder)
+    assert len(loads_started(folder)) == 1 and sorted(r.status for r in rows) == ["ok", "ok", "oom", "skipped"]
+
+
+def test_a_load_goes_on_after_an_out_of_memory_point(monkeypatch):
+    """The worker's loop: the point that ran out of memory is its row, the point it bounds is skipped, and a point
+    it does not bound still runs, after the memory is handed back."""
+    from falconbench.run import worker
+    from falconbench.run.config import RunConfig
+    from falconbench.run.measurement import Measurement
+
+    points = [RunConfig(model="m", dtype="bf16", prompt_tokens=p, batch=b) for p, b in ((8, 1), (64, 1), (64, 2), (8, 4))]
+    released = []
+
+    def speed(point, model, tracker, on_phase):
+        if point.prompt_tokens == 64:
+            raise MemoryError("can't allocate memory")
+        return f"measured {point.prompt_tokens}×{point.batch}"
+
+    monkeypatch.setattr(worker, "speed_phase", speed)
+    monkeypatch.setattr(worker, "release_memory", lambda device: released.append(device))
+    emitted = []
+    worker.measure_points(points, None, None, lambda kind, **fields: emitted.append(fields), Measurement({}, {}))
+    assert [e["status"] for e in emitted] == ["ok", "oom", "skipped", "ok"]
+    assert emitted[3]["measurement"].speed == "measured 8×4" and len(released) >= 4
 
 
 def test_run_and_report_print_the_same_tables(matrix):

@@ -162,15 +162,16 @@ def test_peak_names_its_source_on_cuda():
     assert "Peak: torch's peak reserved (no NVML" in text and "NVML's device use" not in text
 
 
-def test_quality_is_one_row_per_load_and_its_delta_is_relative():
+def test_quality_is_one_row_per_scheme_and_its_delta_is_relative():
     from dataclasses import replace
 
     quality = {"reference": "fp32", "reference_perplexity": 10.0, "greedy_tokens": 32, "delta_relative": 0.05,
                "delta_ci_low": 0.4, "delta_ci_high": 0.6, "divergence_position": 3, "divergence_is_tie": True}
     rows = [replace(ROWS[1], perplexity=10.5, kl_divergence=0.01, top1_agreement=0.9, quality=quality),
             replace(ROWS[1], perplexity=10.5, kl_divergence=0.01, top1_agreement=0.9, quality=quality,
-                    settings={**SETTINGS, "batch": 4}, config_hash="batch 4")]
+                    settings={**SETTINGS, "batch": 4}, config_hash="batch 4"),
+            replace(ROWS[1], settings={**SETTINGS, "attn_impl": "eager"}, config_hash="eager")]  # no quality
     text = render(rows)
-    assert text.count("+5.0% [+4.0, +6.0]") == 1  # one load, two points: one quality row
+    assert text.count("+5.0% [+4.0, +6.0]") == 1  # one scheme, two points and two kernels: one quality row
     assert "token 3 (tie)" in text
     assert "Δ PPL % is (perplexity − the reference's) / the reference's" in caption(rows)

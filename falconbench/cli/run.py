@@ -33,8 +33,7 @@ def parse_size(text: str | None) -> int | None:
 @click.command("run")
 @apply(model_option("Model folder with safetensors weights, cached hub id, bundled model (smollm2), or (with "
                     "--random-weights) a profile or config.json.", required=True),
-       dtype_option(help="Schemes; the first is the reference of the ratios; with quality on, the --reference "
-                         "scheme runs first."),
+       dtype_option(help="Schemes, one load each; with quality on, the --reference scheme runs first."),
        count_option("prompt-tokens", RunConfig.prompt_tokens, "Prompt lengths (prefill), e.g. 128,512,2k."),
        count_option("new-tokens", RunConfig.new_tokens, "Tokens generated per run, never stopped early."),
        batch_option("Sequences per run (per step with --task finetune)."), kv_dtype_option(), attn_list_option(),

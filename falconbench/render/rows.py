@@ -92,8 +92,8 @@ QUALITY_COLUMNS: tuple[Column, ...] = (
     ("Top-1", lambda r: format_percent(r.top1_agreement, signed=False), True),
     ("Greedy diverges", _divergence, True),
 )
-# Four tables rather than one of thirty columns, so each fits a terminal. Quality is measured once per load, so
-# its table has one row per load, not per shape point.
+# Four tables rather than one of thirty columns, so each fits a terminal. Quality is measured once per scheme (in
+# its first attention kernel's load), so its table has one row per scheme, not per shape point.
 TABLES: tuple[tuple[str, tuple[Column, ...], bool], ...] = (
     ("Memory", MEMORY_COLUMNS, False), ("Runtime estimates against measured", ESTIMATE_COLUMNS, False),
     ("Speed", SPEED_COLUMNS, False), ("Quality", QUALITY_COLUMNS, True))
@@ -112,25 +112,25 @@ class TableCells:
     failed: tuple[bool, ...]  # per row: its status is not ok
 
 
-def _key_columns(comparison: Comparison, per_load: bool) -> list[Column]:
-    """Run and Model where there are several; each shape axis that varies (not for the per-load table, but
-    its attention kernel); then Dtype and Status."""
+def _key_columns(comparison: Comparison, per_scheme: bool) -> list[Column]:
+    """Run and Model where there are several; each shape axis that varies (not for the per-scheme table); then
+    Dtype and Status."""
     rows = comparison.rows
     keys: list[Column] = [("Run", lambda r: r.run, False)] if comparison.several_runs else []
     keys += [("Model", lambda r: r.model, False)] if comparison.several_models else []
     keys += [("Dtype", lambda r: r.dtype, False)]
     for header, name in SHAPE_COLUMNS:
-        if (not per_load or name == "attn") and len({getattr(r, name) for r in rows}) > 1:
+        if not per_scheme and len({getattr(r, name) for r in rows}) > 1:
             keys.append((header, lambda r, name=name: format_number(getattr(r, name), ",d")
                          if isinstance(getattr(r, name), int) else str(getattr(r, name) or "-"), name != "attn"))
     return keys + [("Status", lambda r: r.status, False)]
 
 
-def per_load(rows: Sequence[SchemeRow]) -> list[SchemeRow]:
-    """One row per load (run, model, scheme, attention kernel): its first with quality, else its first."""
+def per_scheme(rows: Sequence[SchemeRow]) -> list[SchemeRow]:
+    """One row per scheme (run, model, dtype): its first with quality, else its first."""
     chosen: dict[tuple, SchemeRow] = {}
     for row in rows:
-        key = (row.run, row.model, row.dtype, row.attn)
+        key = (row.run, row.model, row.dtype)
         if key not in chosen or (chosen[key].perplexity is None and row.perplexity is not None):
             chosen[key] = row
     return list(chosen.values())
@@ -140,12 +140,12 @@ def table_cells(comparison: Comparison) -> list[TableCells]:
     """The tables as text. A column empty in every row (quality never measured, say) is left out, and so is a
     table left with no column of figures."""
     tables = []
-    for title, figures, one_per_load in TABLES:
-        rows = per_load(comparison.rows) if one_per_load else list(comparison.rows)
+    for title, figures, one_per_scheme in TABLES:
+        rows = per_scheme(comparison.rows) if one_per_scheme else list(comparison.rows)
         shown = [c for c in figures if any(c[1](row) != "-" for row in rows)]
         if not shown:
             continue
-        columns = _key_columns(comparison, one_per_load) + shown
+        columns = _key_columns(comparison, one_per_scheme) + shown
         body = tuple(tuple(cell(row) for _, cell, _ in columns) for row in rows)
         tables.append(TableCells(title, tuple(c[0] for c in columns), body, tuple(c[2] for c in columns),
                                  tuple(row.status != "ok" for row in rows)))
@@ -168,7 +168,7 @@ def caption_lines(comparison: Comparison) -> list[str]:
                      "(a token for each sequence); p90 and CV over every step of the repeats.")
     references = sorted({r.reference for r in rows if r.reference})
     if references:
-        lines.append(f"Quality against {', '.join(references)}, once per load: Δ PPL % is (perplexity − the "
+        lines.append(f"Quality against {', '.join(references)}, once per scheme: Δ PPL % is (perplexity − the "
                      "reference's) / the reference's, with its bootstrap confidence interval in brackets; KL(reference "
                      "‖ scheme) in nats per token; (tie): the reference's top two logits tie where the greedy tokens "
                      "part, so that divergence is noise.")
@@ -177,7 +177,7 @@ def caption_lines(comparison: Comparison) -> list[str]:
         lines.append(f"Warning: step CV above {NOISY_CV:.0%} ({', '.join(noisy)}): noisy timings, a busy machine? "
                      "Rerun with more --repeats.")
     lines += [f"{r.dtype} {point_name(r)}: {r.status}: {r.error}" for r in rows if r.error]
-    for r in per_load(rows):
+    for r in per_scheme(rows):
         if r.unquantized_blocks and r.params:
             named = ", ".join(f"{name} ({format_percent(n / r.params, signed=False)})"
                               for name, n in r.unquantized_blocks)
@@ -212,8 +212,9 @@ def settings_lines(comparison: Comparison) -> list[str]:
         if not s and not env:
             continue
         quality = s.get("quality") or {}
+        # NOTE: no KV dtype here: it is each scheme's compute dtype, so it differs between the rows of one run
         measured = (f"{s.get('repeats')} repeats after {s.get('warmup')} warmup run(s) per point, seed "
-                    f"{s.get('seed')}, KV cache in {s.get('kv_dtype')}")
+                    f"{s.get('seed')}")
         if quality:
             measured += (f"; quality on {quality.get('eval_tokens')} tokens of {quality.get('eval_text')} (window "
                          f"{quality.get('window')}, stride {quality.get('stride')}), reference "

@@ -1,8 +1,9 @@
-"""The sweep: one spawned process per configuration, each row appended to results.jsonl as it finishes.
+"""The sweep: one spawned process per load (scheme × attention kernel), its shape points inside it, each point's
+row appended to results.jsonl as it finishes.
 
-The parent never imports the measuring libraries beyond resolving `--device auto`; it plans each
-configuration (so even an out-of-memory row carries the plan), starts the worker, relays its progress, and
-turns whatever comes back (a result, a crash, a signal) into a row.
+The parent never imports the measuring libraries beyond resolving `--device auto`; it plans each point (so even
+an out-of-memory row carries the plan), starts the worker, relays its progress, and turns whatever comes back (a
+result, a crash, a signal) into a row.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from ..schemes import get_scheme
 from ..sources import ModelSource, profiles_dir, resolve_model
 from . import worker
 from .rundir import hold_run_folder, keep_model_config, prepare_output, reference_unusable, resume_rows
-from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, model_identity, \
-    require_weights
+from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, machine_memory_bytes, \
+    model_identity, require_weights
 from .hub import resolve_or_download
 from .measurement import build_row
-from .settings import RunSettings, describe_shape, dominates, group_loads
+from .settings import RunSettings, group_loads, skip_reason
 
 WORKER_LOG = "worker.log"
 
@@ -104,7 +105,9 @@ def run_benchmark(settings: RunSettings, on_event: OnEvent | None = None, report
     resolved = resolve_device(settings.device)
     skipped = None if settings.quality and not settings.random_weights else (
         "random weights: quality needs trained weights" if settings.quality else "--no-quality")
-    reference, why = choose_reference(settings.reference, source, resolved)
+    # NOTE: only when quality is measured: the choice looks at the device, which need not be touched otherwise
+    reference, why = choose_reference(settings.reference, source, resolved) if skipped is None else (
+        settings.reference or RunConfig.reference, None)
     configs = settings.configs(model, resolved, quality=skipped is None, reference=reference)
     check_up_front(configs, source)
     output_dir = Path(settings.output) if settings.output is not None else default_output_dir(source.name)
@@ -153,39 +156,38 @@ def check_up_front(configs: Sequence[RunConfig], source: ModelSource) -> None:
             check_reference_size(quality.eval_tokens - 1, spec.vocab_size, quality.logprob_dtype)
 
 
-# NOTE: the fp32 reference may use at most this share of the memory available, so it never crowds the machine
+# NOTE: the fp32 reference may use at most this share of the device's memory, so it never crowds the machine
 REFERENCE_MEMORY_SHARE = 0.5
 
 
 def choose_reference(asked: str | None, source: ModelSource, device: str) -> tuple[str, str]:
-    """The quality reference and why: as asked, else fp32 where its planned footprint fits in half the memory
-    available (bf16 on disk rounds every weight, so a bf16 reference is itself noisy), else bf16."""
+    """The quality reference and why: as asked, else fp32 where its planned footprint fits in half the device's
+    memory (bf16 on disk rounds every weight, so a bf16 reference is itself noisy), else bf16. The device's total,
+    not what is free now, so the same command on the same machine always chooses the same (the choice is part of
+    every row's hash, and --resume relies on it)."""
     if asked is not None:
         return asked, f"{asked}, as asked (--reference)"
     planned = plan_point(source.spec(), get_scheme("fp32"), context=1, batch=1, kv_dtype="fp32",
                          device=device).total_bytes
-    available = available_memory_bytes(device)
-    if available is not None and planned <= REFERENCE_MEMORY_SHARE * available:
-        return "fp32", (f"fp32, the default where it fits: {planned / 2**30:.2f} GiB planned of "
-                        f"{available / 2**30:.2f} GiB available on {device}")
-    where = "unknown" if available is None else f"{available / 2**30:.2f} GiB"
-    return "bf16", f"bf16: fp32 would need {planned / 2**30:.2f} GiB, more than half of the {where} available"
+    total = device_memory_bytes(device)
+    if total is not None and planned <= REFERENCE_MEMORY_SHARE * total:
+        return "fp32", (f"fp32, the default where it fits in half the memory: {planned / 2**30:.2f} GiB planned of "
+                        f"{total / 2**30:.2f} GiB on {device}")
+    where = "unknown" if total is None else f"{total / 2**30:.2f} GiB"
+    return "bf16", f"bf16: fp32 would need {planned / 2**30:.2f} GiB, more than half of the {where} on {device}"
 
 
-def available_memory_bytes(device: str) -> int | None:
-    """Memory free for a new process: MemAvailable on Linux for the CPU, the device's free bytes on CUDA."""
+def device_memory_bytes(device: str) -> int | None:
+    """The device's total memory: the machine's physical memory for the CPU; NVML's total for the first GPU on CUDA (NVML,
+    not torch, so this process opens no CUDA context that would take memory from the workers)."""
     if device == "cuda":
-        import torch
+        from .trackers import PynvmlDevice
 
-        return int(torch.cuda.mem_get_info(0)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+        try:
+            return PynvmlDevice().total_bytes()
+        except Exception:  # noqa: BLE001 - no NVML: the choice falls back to bf16 and says the memory is unknown
+            return None
+    return machine_memory_bytes()
 
 
 def zoo_folder(model: str) -> str:
@@ -219,21 +221,24 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
         done = resume_rows(results_path, planned, resume, lambda row: bool(reference_unusable(row, output_dir)))
         if sources:
             keep_model_config(next(iter(sources.values())), output_dir)
+
+        def finished(index: int, row: RunResult) -> None:
+            append_result(results_path, row)
+            rows[index] = row
+            copied = row.environment.get("copy_bandwidth") if isinstance(row.environment, dict) else None
+            if not bandwidth and isinstance(copied, dict) and copied.get("bytes_per_second"):
+                bandwidth.update(copied)
+            notify(Event("done", index, total, configs[index], row=row))
+
         for load in group_loads(configs, lambda c: planned[configs.index(c)].planned_total_bytes or 0):
             for index in load:
                 if planned[index].config_hash in done:
                     rows[index] = done[planned[index].config_hash]
                     notify(Event("done", index, total, configs[index], row=rows[index], resumed=True))
-            todo = [i for i in load if i not in rows]
-
-            def finished(index: int, row: RunResult) -> None:
-                append_result(results_path, row)
-                rows[index] = row
-                copied = row.environment.get("copy_bandwidth") if isinstance(row.environment, dict) else None
-                if not bandwidth and isinstance(copied, dict) and copied.get("bytes_per_second"):
-                    bandwidth.update(copied)
-                notify(Event("done", index, total, configs[index], row=row))
-
+            # NOTE: a resumed load remembers its out-of-memory points: what they bound is skipped, not retried
+            out_of_memory = [configs[i] for i in load if i in rows and rows[i].status == "oom"]
+            todo = skip_dominated([i for i in load if i not in rows], configs, out_of_memory,
+                                  lambda i, why: finished(i, build_row(planned[i], "skipped", why, None)))
             if todo:
                 notify(Event("start", todo[0], total, configs[todo[0]]))
                 run_load([configs[i] for i in todo], [planned[i] for i in todo], output_dir,
@@ -269,7 +274,8 @@ def planned_row(config: RunConfig, quality_skipped: str | None = None,
     source = source or resolve_model(config.model)
     identity = model_identity(source, config.random_weights, config.allow_pickle)
     plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
-                      kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device)
+                      kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device,
+                      prefill_tokens=config.prompt_tokens)
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
                      plan=plan.as_dict(), falconbench_version=__version__,
@@ -401,11 +407,22 @@ def run_isolated(configs: Sequence[RunConfig], bases: Sequence[RunResult], outpu
     on_row(died, build_row(bases[died], status, death_message(process.exitcode, log_path, first.memory_cap_bytes),
                            None))
     if status == "oom":
-        for index in [i for i in rest if dominates(configs[i], configs[died])]:
-            on_row(index, build_row(bases[index], "skipped", f"not run: it needs at least what "
-                                    f"{describe_shape(configs[died])} needed, which ran out of memory", None))
-        rest = [i for i in rest if not dominates(configs[i], configs[died])]
+        rest = skip_dominated(rest, configs, [configs[died]], lambda i, why: on_row(i, build_row(
+            bases[i], "skipped", why, None)))
     return rest or None
+
+
+def skip_dominated(indices: Sequence[int], configs: Sequence[RunConfig], out_of_memory: Sequence[RunConfig],
+                   skip: Callable[[int, str], None]) -> list[int]:
+    """Record the points of `indices` that an out-of-memory point bounds as skipped; the others, still to run."""
+    rest = []
+    for index in indices:
+        reason = skip_reason(configs[index], out_of_memory)
+        if reason is None:
+            rest.append(index)
+        else:
+            skip(index, reason)
+    return rest
 
 
 # NOTE: under RLIMIT_AS, native code that does not check its allocations crashes at the cap instead of raising

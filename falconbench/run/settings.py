@@ -76,14 +76,17 @@ class RunSettings:
             object.__setattr__(self, "reference", get_scheme(self.reference).name)
 
     def configs(self, model: str, device: str, quality: bool, reference: str) -> list[RunConfig]:
-        """Every point of the matrix, the reference's load first when quality is measured."""
+        """Every point of the matrix, the reference's load first when quality is measured. Quality is a property
+        of the scheme's weights, so it is scored once per scheme, in its first attention kernel's load (the
+        reference's log-probabilities too: one file, computed once)."""
         dtypes = list(self.dtypes)
         if quality:
             dtypes = [reference] + [d for d in dtypes if d != reference]
         shared = {f.name: getattr(self, f.name) for f in fields(RunConfig) if hasattr(self, f.name)
                   and f.name not in SHAPE_FIELDS + ("model", "dtype", "device", "quality", "reference")}
         return [RunConfig(model=model, dtype=dtype, device=device, attn_impl=attn, prompt_tokens=prompt,
-                          new_tokens=new, batch=batch, quality=quality, reference=reference, **shared)
+                          new_tokens=new, batch=batch, quality=quality and attn == self.attns[0],
+                          reference=reference, **shared)
                 for dtype in dtypes for attn in self.attns
                 for prompt in self.prompt_tokens for new in self.new_tokens for batch in self.batches]
 
@@ -115,3 +118,11 @@ def dominates(larger: RunConfig, smaller: RunConfig) -> bool:
 
 def describe_shape(config: RunConfig) -> str:
     return f"prompt {config.prompt_tokens} + {config.new_tokens} new × batch {config.batch}"
+
+
+def skip_reason(point: RunConfig, out_of_memory: Sequence[RunConfig]) -> str | None:
+    """Why `point` is not run: a point of its load that it dominates ran out of memory (None: run it)."""
+    bound = next((f for f in out_of_memory if dominates(point, f)), None)
+    if bound is None:
+        return None
+    return f"not run: it needs at least what {describe_shape(bound)} needed, which ran out of memory"

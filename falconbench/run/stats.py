@@ -32,17 +32,3 @@ def summarize(samples: Sequence[float]) -> dict[str, float | int | list[float]]:
     return {"median": statistics.median(samples), "p90": percentile(samples, 90),
             "mean": statistics.fmean(samples), "cv": coefficient_of_variation(samples), "n": len(samples),
             "samples": list(samples)}
-
-
-def relative_error(predicted: float | None, measured: float | None) -> float | None:
-    """(predicted − measured) / measured: positive when the prediction is too high; None when either is missing."""
-    if predicted is None or measured is None or measured == 0:
-        return None
-    return (predicted - measured) / measured
-
-
-def ratio(value: float | None, reference: float | None) -> float | None:
-    """value / reference, None when either is missing or the reference is zero."""
-    if value is None or reference is None or reference == 0:
-        return None
-    return value / reference

@@ -144,6 +144,7 @@ def measure_load(points: list[RunConfig], emit: Emit, output_dir: Path | None,
     quiet_libraries()
     env = environment.environment(first.device, getattr(tracker, "nvml", None))
     env["copy_bandwidth"] = bandwidth or measure_bandwidth(first.device)
+    release_memory(first.device)  # the copy's buffers are not the model's
     if first.memory_cap_bytes:
         cap_memory(first.memory_cap_bytes)
     tracker.start()
@@ -165,15 +166,15 @@ def measure_load(points: list[RunConfig], emit: Emit, output_dir: Path | None,
 def measure_points(points: list[RunConfig], model, tracker, emit: Emit, base: Measurement) -> None:
     """Each shape point with its own warmup and repeats; after an out-of-memory point, the points it bounds are
     skipped (see `settings.dominates`)."""
-    from .settings import describe_shape, dominates
+    from .settings import skip_reason
 
     failed: list[RunConfig] = []
     for index, point in enumerate(points):
-        bound = next((f for f in failed if dominates(point, f)), None)
-        if bound is not None:
-            emit("point", index=index, status="skipped", measurement=base,
-                 error=f"not run: it needs at least what {describe_shape(bound)} needed, which ran out of memory")
+        reason = skip_reason(point, failed)
+        if reason is not None:
+            emit("point", index=index, status="skipped", measurement=base, error=reason)
             continue
+        release_memory(point.device)  # each point's peaks start from what the model itself holds
         try:
             speed = speed_phase(point, model, tracker, lambda phase, i=index: emit("phase", index=i, phase=phase))
         except Exception as exc:  # noqa: BLE001 - one point's failure is its row; the others run on
@@ -188,7 +189,8 @@ def measure_points(points: list[RunConfig], model, tracker, emit: Emit, base: Me
 
 
 def release_memory(device: str) -> None:
-    """Give back what a failed point left (its frames are gone with the exception), before the next point."""
+    """Give back what the last phase left (a failed point's frames are gone with its exception): collected, and on
+    CUDA the allocator's cached blocks returned, so NVML's device use starts from the model's own bytes."""
     import gc
 
     gc.collect()
