@@ -8,7 +8,7 @@ them, and are labelled as such wherever they are shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from .errors import UsageError
 from .gpus import GPU, gpu_profiles, runs_dtype
@@ -59,6 +59,7 @@ class PlanRow:
     unquantized_params: int = 0  # of a quantized scheme: large blocks left 16-bit by the libraries (fused experts)
     warnings: tuple[str, ...] = field(default=())
     fits_gpus: tuple[str, ...] = field(default=())
+    placement: Any = None  # placement.Placement under a device map and its budgets (plan/fit --device-map)
 
     @property
     def runtime_bytes(self) -> int:

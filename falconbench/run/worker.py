@@ -130,7 +130,9 @@ def measure_load(points: list[RunConfig], emit: Emit, output_dir: Path | None,
     out-of-memory point is its row; the points that need at least as much are sent as skipped."""
     from . import environment, trackers
 
-    first = points[0]
+    from .devicemap import with_offload_folder
+
+    first = with_offload_folder(points[0], output_dir)
     source = resolve_model(first.model)
     emit("phase", index=0, phase="setup")
     tracker = trackers.make_tracker(first.device)
@@ -263,13 +265,18 @@ def load_phase(config: RunConfig, source, tracker, emit: Emit):
         raise LoadFailed(exc) from None
     finally:
         tracker.end("load")
+    from .devicemap import measured_placement, remove_if_empty
+
+    remove_if_empty(config.offload_folder)
+    placement = measured_placement(loaded.model, config.device_map) if config.device_map else None
     quantized, linear = loading.count_quantized(loaded.model)
     census = loading.parameter_census(loaded.model)
     blocks = [list(block) for block in census.float_blocks] if config.scheme.quantized else []
     load = LoadMeasurement(seconds=seconds, steps=loaded.seconds, weights_bytes=footprint.weights_bytes(loaded.model),
                            quantized_layers=quantized, linear_layers=linear, quantized_params=census.quantized_params,
                            params=census.params, unquantized_blocks=blocks, quantized_by=loaded.quantized_by,
-                           phase=tracker.phases["load"], peak_bytes=tracker.peak_bytes(("load",)))
+                           phase=tracker.phases["load"], peak_bytes=tracker.peak_bytes(("load",)),
+                           placement=placement and placement.as_dict())
     try:
         check_quantized(config, quantized, linear)
         check_quantized_share(config, census, planned_quantized_params(config, source))
