@@ -75,6 +75,14 @@ def check_device_map(device_map: str | None, max_memory: Mapping[str, int] | Non
             raise UsageError(f"--max-memory {label}: a size must be a byte count, 0 or more, got {size!r}")
 
 
+def check_plan_budgets(device_map: str | None, max_memory: Mapping[str, int] | None, device: str) -> None:
+    """plan and fit place layers only under budgets they are given: they never look at this machine's memory."""
+    check_device_map(device_map, max_memory, device)
+    if device_map and not max_memory:
+        raise UsageError(f"--device-map {device_map} needs --max-memory to place the layers: plan and fit do not "
+                         "read this machine's memory. Example: --max-memory 0=20GiB,cpu=60GiB")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a device map put (or will put) the decoder layers, parameters and weight bytes, per device."""
