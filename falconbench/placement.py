@@ -3,7 +3,9 @@ max_memory=...)`, worked out from the planner's bytes, without torch.
 
 transformers 5 does not call accelerate's `infer_auto_device_map`: it carries its own copy
 (`transformers/integrations/accelerate.py`: `_get_device_map`, `get_balanced_memory`, `infer_auto_device_map`),
-and that copy is what decides a `run`'s placement. The rules, as that code applies them to a causal LM:
+and that copy is what decides a `run`'s placement (tests/test_placement.py checks this module against it, and
+against accelerate's own where the two agree: a sequential split; their balanced buffers differ). The rules, as that
+code applies them to a causal LM:
 
 - Modules are visited in the model's order: the base model (embeddings, decoder layers, final norm), then the head.
   A module that fits the current device goes there whole; one that does not is split into its children, except a
@@ -48,9 +50,11 @@ def device_label(key: int | str) -> str:
     return f"gpu{key}" if isinstance(key, int) else str(key)
 
 
-def accelerate_key(label: str) -> int | str:
-    """The inverse of `device_label`: gpu0 or 0 → 0, cpu → cpu."""
-    text = label.strip().lower().removeprefix("gpu").removeprefix("cuda:")
+def accelerate_key(label: int | str) -> int | str:
+    """The inverse of `device_label`: gpu0, "0" or 0 → 0, cpu → cpu."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label
+    text = str(label).strip().lower().removeprefix("gpu").removeprefix("cuda:")
     return int(text) if text.isascii() and text.isdigit() else label.strip().lower()
 
 

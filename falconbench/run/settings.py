@@ -66,8 +66,8 @@ class RunSettings:
     offload_folder: str | None = None  # None: OUTPUT/offload
 
     def __post_init__(self):
-        if isinstance(self.max_memory, dict):
-            object.__setattr__(self, "max_memory", tuple(self.max_memory.items()))
+        budgets = self.max_memory.items() if isinstance(self.max_memory, dict) else self.max_memory
+        object.__setattr__(self, "max_memory", tuple((str(device), size) for device, size in budgets))
         # NOTE: canonical scheme names, so BF16 and bf16 are one configuration
         object.__setattr__(self, "dtypes", _distinct("dtype", [get_scheme(d).name for d in self.dtypes]))
         object.__setattr__(self, "attns", _distinct("attn", [a.strip().lower() for a in self.attns]))
