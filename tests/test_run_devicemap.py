@@ -13,25 +13,12 @@ from falconbench.cli import cli  # noqa: E402
 from falconbench.results import read_results  # noqa: E402
 from tiny_models import TINY_LLAMA, save_tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_per_worker")]
 SHAPE = ["-d", "bf16", "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
          "--no-quality", "--device", "cpu"]
 # NOTE: 1 MiB for six 288 KiB layers: room is kept for one layer, the embeddings and the head take 128 KiB, so two
 # layers stay on the CPU and four go to disk
 OFFLOAD = ["--device-map", "auto", "--max-memory", "cpu=1MiB"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet_terminal():
-    from falconbench.render.console import reset_consoles
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.setenv("COLUMNS", "200")
-        patch.setenv("NO_COLOR", "1")
-        reset_consoles()
-        yield
-    reset_consoles()
 
 
 @pytest.fixture(scope="module")
