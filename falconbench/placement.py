@@ -69,7 +69,7 @@ def check_device_map(device_map: str | None, max_memory: Mapping[str, int] | Non
         raise UsageError(f"unknown device map {device_map!r}. Choose from: {', '.join(DEVICE_MAPS)}")
     for label, size in (max_memory or {}).items():
         key = accelerate_key(label)
-        if key not in (CPU,) and not isinstance(key, int):
+        if key != CPU and not isinstance(key, int):
             raise UsageError(f"--max-memory names device {label!r}: use a GPU index (0, 1, ...) or cpu. Example: "
                              "--max-memory 0=20GiB,cpu=60GiB")
         if isinstance(key, int) and device == "cpu":
