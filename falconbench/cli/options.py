@@ -248,8 +248,10 @@ def device_map_options(offload: bool = False) -> Callable:
     if offload:
         options.append(click.option(
             "--offload-folder", type=click.Path(file_okay=False), default=None,
-            help="Where layers mapped to disk are written when they must be (safetensors weights are read in "
-                 "place, so it often stays empty). Default: OUTPUT/offload. Example: --offload-folder /scratch/off"))
+            help="Where layers mapped to disk are written when they must be: disk layers are read at every "
+                 "forward, from the model's own safetensors file when it has one (the folder then stays empty and "
+                 "is removed). Without a GPU the CPU runs every layer. Default: OUTPUT/offload. Example: "
+                 "--offload-folder /scratch/off"))
     return apply(*options)
 
 
