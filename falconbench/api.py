@@ -64,10 +64,13 @@ def as_counts(value: int | str | Iterable[int | str] | None, name: str) -> list[
 
 def plan(models: str | Iterable[str] = SEED_MODELS, dtypes: str | Iterable[str] = ("bf16",),
          contexts: int | Iterable[int] = 2048, batches: int | Iterable[int] = 1, kv_dtype: str = KV_DTYPE_AUTO,
-         attn_impl: str = "sdpa", device: str = "cuda") -> list[PlanRow]:
-    """The cross product models × dtypes × contexts × batches, one PlanRow each (exact weights and KV bytes)."""
+         attn_impl: str = "sdpa", device: str = "cuda", device_map: str | None = None,
+         max_memory: dict[str, int] | None = None) -> list[PlanRow]:
+    """The cross product models × dtypes × contexts × batches, one PlanRow each (exact weights and KV bytes);
+    with `device_map` and `max_memory` ({"0": bytes, "cpu": bytes}), where each row's layers go."""
     return planner.plan(as_list(models, "models"), as_list(dtypes, "dtypes"), as_counts(contexts, "contexts"),
-                        as_counts(batches, "batches"), kv_dtype=kv_dtype, attn_impl=attn_impl, device=device)
+                        as_counts(batches, "batches"), kv_dtype=kv_dtype, attn_impl=attn_impl, device=device,
+                        device_map=device_map, max_memory=max_memory)
 
 
 @overload
@@ -79,7 +82,7 @@ def fit(models: Sequence[str], **options: Any) -> list[FitResult]: ...
 def fit(models, dtypes: str | Iterable[str] = DEFAULT_DTYPES, contexts: int | Iterable[int] = 2048,
         batches: int | Iterable[int] = 1, gpus: str | Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
         calibrate: str | os.PathLike | None = None, kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
-        device: str = "cuda"):
+        device: str = "cuda", device_map: str | None = None, max_memory: dict[str, int] | None = None):
     """Every GPU × dtype for each model: a FitResult for one model, a list of them for a list of models."""
     names = as_list(models, "models")
     if not names:
@@ -87,7 +90,7 @@ def fit(models, dtypes: str | Iterable[str] = DEFAULT_DTYPES, contexts: int | It
     results = [fit_model(name, dtypes=as_list(dtypes, "dtypes"), contexts=as_counts(contexts, "contexts"),
                             batches=as_counts(batches, "batches"), gpus=as_list(gpus, "gpus") or None, margin=margin,
                             calibrate=str(calibrate) if calibrate is not None else None, kv_dtype=kv_dtype,
-                            attn_impl=attn_impl, device=device)
+                            attn_impl=attn_impl, device=device, device_map=device_map, max_memory=max_memory)
                for name in names]
     return results[0] if isinstance(models, str) else results
 

@@ -88,6 +88,7 @@ class SchemeRow:
     reference: str | None = None
     model_paths: tuple[str, ...] = ()  # where else the model's config.json may be, for the planner
     model_config_sha256: str | None = None  # of the config the run measured, to check that a path still holds it
+    placement: tuple[tuple[str, int], ...] = ()  # under a device map: (gpu0 / cpu / disk, decoder layers there)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -97,6 +98,11 @@ class SchemeRow:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer or None, not {value!r}")
+
+    @property
+    def split(self) -> bool:
+        """Whether a device map put the decoder layers on more than one device (GPU, CPU, disk)."""
+        return len([n for _, n in self.placement if n]) > 1
 
     @property
     def planned_runtime_bytes(self) -> int | None:
@@ -256,6 +262,8 @@ def scheme_row(run: str, result: RunResult, folder: Path | None = None) -> Schem
         perplexity=as_float(result.perplexity), kl_divergence=as_float(result.kl_divergence),
         top1_agreement=as_float(result.top1_agreement), model_paths=_model_paths(settings, folder),
         model_config_sha256=as_mapping(settings.get("model_source")).get("config_sha256"),
+        placement=tuple((str(d), n) for d, n in as_mapping(as_mapping(memory.get("placement")).get("layers")).items()
+                        if _int(n) is not None),
         **_latency_fields(result, batch), **_quality_fields(as_mapping(result.quality)),
     )
 

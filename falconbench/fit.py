@@ -300,6 +300,7 @@ class FitResult:
     calibrations: tuple[Calibration, ...] = ()
     calibration_source: str | None = None
     calibration_notes: tuple[str, ...] = ()
+    placements: tuple = ()  # (scheme, placement.Placement) under --device-map and --max-memory
 
 
 def card_order(row: FitRow) -> tuple:
@@ -328,8 +329,12 @@ def check_margin(margin: float) -> float:
 def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[int] = (2048,),
         batches: Iterable[int] = (1,), gpus: Iterable[str] | None = None, margin: float = SAFETY_MARGIN,
         calibrate: str | None = None, kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
-        device: str = "cuda") -> FitResult:
-    """Fit one model on every card × scheme at each context × batch; `calibrate` is a run folder to measure from."""
+        device: str = "cuda", device_map: str | None = None, max_memory: dict[str, int] | None = None) -> FitResult:
+    """Fit one model on every card × scheme at each context × batch; `calibrate` is a run folder to measure from;
+    under `device_map` and its `max_memory`, where each scheme's layers go."""
+    from .placement import check_plan_budgets, plan_placement
+
+    check_plan_budgets(device_map, max_memory, device)
     source = resolve_model(model)
     spec = source.spec()
     schemes = [get_scheme(d) for d in dtypes]
@@ -352,5 +357,6 @@ def fit(model: str, dtypes: Iterable[str] = DEFAULT_DTYPES, contexts: Iterable[i
             quality = by_dtype[best.dtype].quality if best and best.dtype in by_dtype else None
             recommendations.append(Recommendation(context, batch, best and replace(best, recommended=True), quality))
             rows += block
+    placements = tuple((s.name, plan_placement(spec, s, device_map, max_memory)) for s in schemes) if device_map else ()
     return FitResult(spec.name, tuple(rows), tuple(recommendations), calibration.items if calibration else (),
-                     calibration.source if calibration else None, calibration.notes if calibration else ())
+                     calibration.source if calibration else None, calibration.notes if calibration else (), placements)

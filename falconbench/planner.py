@@ -8,7 +8,7 @@ them, and are labelled as such wherever they are shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from .errors import UsageError
 from .gpus import GPU, gpu_profiles, runs_dtype
@@ -61,6 +61,7 @@ class PlanRow:
     unquantized_params: int = 0  # of a quantized scheme: large blocks left 16-bit by the libraries (fused experts)
     warnings: tuple[str, ...] = field(default=())
     fits_gpus: tuple[str, ...] = field(default=())
+    placement: Any = None  # placement.Placement under a device map and its budgets (plan/fit --device-map)
 
     @property
     def runtime_bytes(self) -> int:
@@ -286,12 +287,20 @@ SEED_MODELS = ("falcon-7b", "llama-7b", "mpt-7b", "stablelm-base-alpha-7b", "lla
 
 def plan(models: Iterable[str] = SEED_MODELS, dtypes: Iterable[str] = ("bf16",), contexts: Iterable[int] = (2048,),
          batches: Iterable[int] = (1,), kv_dtype: str = KV_DTYPE_AUTO, attn_impl: str = "sdpa",
-         device: str = "cuda") -> list[PlanRow]:
-    """Plan the cross product of models × dtypes × contexts × batches (the seed table by default)."""
+         device: str = "cuda", device_map: str | None = None,
+         max_memory: dict[str, int] | None = None) -> list[PlanRow]:
+    """Plan the cross product of models × dtypes × contexts × batches (the seed table by default); under a
+    `device_map` with its `max_memory` budgets, each row says where its layers go (`placement.plan_placement`)."""
+    from .placement import check_plan_budgets, plan_placement
+
+    check_plan_budgets(device_map, max_memory, device)
     specs = [resolve_model(m).spec() for m in models]
     schemes = [get_scheme(d) for d in dtypes]
     for scheme in schemes:
         kv_dtype_for(scheme, kv_dtype)
     contexts, batches = [check_positive("context", c) for c in contexts], [check_positive("batch", b) for b in batches]
-    return [plan_point(spec, scheme, c, b, kv_dtype, attn_impl, device)
+    placements = {(spec.name, scheme.name): plan_placement(spec, scheme, device_map, max_memory)
+                  for spec in specs for scheme in schemes} if device_map else {}
+    return [replace(plan_point(spec, scheme, c, b, kv_dtype, attn_impl, device),
+                    placement=placements.get((spec.name, scheme.name)))
             for spec in specs for scheme in schemes for c in contexts for b in batches]

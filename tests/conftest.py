@@ -49,6 +49,21 @@ def smollm2_dir():
     return zoo.ensure_model("smollm2").folder
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_worker():
+    """One thread per worker (tiny models, a busy machine); the tables at a pinned width, without colour. A module
+    of run tests takes it with `pytestmark = pytest.mark.usefixtures("one_thread_per_worker")`."""
+    from falconbench.render.console import reset_consoles
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("COLUMNS", "200")
+        patch.setenv("NO_COLOR", "1")
+        reset_consoles()
+        yield
+    reset_consoles()
+
+
 @pytest.fixture
 def invoke(monkeypatch, request):
     """Run the CLI in process, without colour, at 200 columns (or the test module's CLI_COLUMNS)."""

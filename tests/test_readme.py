@@ -65,6 +65,21 @@ def test_the_run_shown_is_what_run_prints_for_its_rows():
     assert f"{points[-1]} (5/5): quality" in phases
 
 
+def test_the_offload_report_shown_is_what_report_prints_for_its_rows():
+    """The README's device-map example: the tables of the two SmolLM2 runs it measured (tests/data/one-device and
+    tests/data/disk-offload), at the README's width, and the placement the plan gave them."""
+    shown = readme.console_output("falconbench report one-device disk-offload")
+    folders = [ROOT / "tests" / "data" / name for name in ("one-device", "disk-offload")]
+    comparison = load_comparison(folders)
+    console = Console(file=io.StringIO(), width=readme.WIDTH, color_system=None)
+    for table in report_tables(comparison):
+        console.print(table)
+    assert readme.strip_trailing(console.file.getvalue()) in shown
+    (split,), _ = api.read_results(folders[1])
+    assert split.memory["placement"] == split.plan["placement"]
+    assert split.memory["placement"]["layers"] == {"cpu": 8, "disk": 22}
+
+
 @pytest.mark.slow
 def test_the_python_api_example_prints_what_the_readme_shows(tmp_path, smollm2_dir):
     code, expected = readme.python_example()

@@ -34,6 +34,7 @@ from falconbench.fit import expand, pack  # noqa: E402
 from falconbench.report import load_comparison  # noqa: E402
 from falconbench.results import MAX_LINE_BYTES, RESULTS_FILE, SCHEMA_VERSION, read_results  # noqa: E402
 from falconbench.run import RunConfig, orchestrator  # noqa: E402
+from falconbench.run import signals as run_signals  # noqa: E402
 from falconbench.run.rundir import hold_run_folder, reference_unusable, resume_rows  # noqa: E402
 from falconbench.sources import resolve_model  # noqa: E402
 from tiny_models import TINY_FALCON, TINY_LLAMA, write_config  # noqa: E402
@@ -327,7 +328,7 @@ def test_a_signal_during_a_workers_start_waits_until_its_pid_is_known():
     thread = threading.Thread(target=send_from_another_thread)
     thread.start()
     with pytest.raises(KeyboardInterrupt) as stop:
-        with orchestrator.signals_blocked(orchestrator.STOP_SIGNALS):
+        with run_signals.signals_blocked(run_signals.STOP_SIGNALS):
             go.set()
             try:
                 sent.wait()

@@ -13,23 +13,9 @@ pytest.importorskip("transformers")
 from falconbench.cli import cli  # noqa: E402
 from falconbench.results import read_results  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_per_worker")]
 MATRIX = ["-d", "bf16", "--attn", "sdpa,eager", "--prompt-tokens", "8,16", "-b", "1,2", "--new-tokens", "3", "--repeats", "1",
           "--warmup", "1", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_worker():
-    """One thread per worker (tiny models, a busy machine); the tables at a pinned width, without colour."""
-    from falconbench.render.console import reset_consoles
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.setenv("COLUMNS", "200")
-        patch.setenv("NO_COLOR", "1")
-        reset_consoles()
-        yield
-    reset_consoles()
 
 
 def run(*args):

@@ -6,12 +6,14 @@ Lists are comma-separated and may also repeat (`-d bf16,int8 -d nf4`); token cou
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import click
 
 from .. import api
 from ..errors import UsageError, did_you_mean
+from ..placement import DEVICE_MAPS
 from ..planner import ATTN_IMPLS, DEVICES
 from ..render.console import FORMATS
 from ..schemes import DEFAULT_DTYPES, KV_DTYPE_AUTO, KV_DTYPES, SCHEMES
@@ -186,6 +188,71 @@ def attn_list_option() -> Callable:
 def device_option() -> Callable:
     return click.option("--device", type=Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
                         help="cuda counts the CUDA context; cpu plans or runs without one.")
+
+
+SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | None, option: str = "--memory-cap", example: str = "4G") -> int | None:
+    """'512M', '2G', '1.5GiB', '60MiB' or a byte count → bytes (powers of 1024): the one spelling of a size."""
+    if text is None:
+        return None
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = SIZE_UNITS.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if scale > 1 else raw) * scale
+    except ValueError:
+        value = -1
+    if not 1 <= value < math.inf:
+        raise UsageError(f"{option} needs a size such as 512M or 2G, got {text!r}. Example: {option} {example}")
+    return int(value)
+
+
+MAX_MEMORY_EXAMPLE = "0=20GiB,cpu=60GiB"
+
+
+def parse_max_memory(text: str | None) -> dict[str, int] | None:
+    """`0=20GiB,cpu=60GiB` → {"0": bytes, "cpu": bytes}: a budget per GPU index and for the CPU."""
+    if text is None:
+        return None
+    budgets: dict[str, int] = {}
+    for item in split_list(text):
+        device, equals, size = item.partition("=")
+        device = device.strip().lower()
+        if not equals or not device:
+            raise UsageError(f"--max-memory takes DEVICE=SIZE pairs, got {item!r}. Example: --max-memory "
+                             f"{MAX_MEMORY_EXAMPLE}")
+        if not (device == "cpu" or (device.isascii() and device.isdigit())):
+            raise UsageError(f"--max-memory: unknown device {device!r}; use a GPU index (0, 1, ...) or cpu. "
+                             f"Example: --max-memory {MAX_MEMORY_EXAMPLE}")
+        if device in budgets:
+            raise UsageError(f"--max-memory names {device} twice. Example: --max-memory {MAX_MEMORY_EXAMPLE}")
+        budgets[str(int(device)) if device != "cpu" else device] = parse_size(size, f"--max-memory {device}=SIZE",
+                                                                             f"{device}=20GiB")
+    if not budgets:
+        raise UsageError(f"--max-memory was given an empty value. Example: --max-memory {MAX_MEMORY_EXAMPLE}")
+    return budgets
+
+
+def device_map_options(offload: bool = False) -> Callable:
+    """--device-map and --max-memory (and, for run, --offload-folder): how accelerate splits the layers."""
+    options = [
+        click.option("--device-map", type=Choice(DEVICE_MAPS), default=None,
+                     help="Split the layers over GPUs, CPU and disk as transformers' from_pretrained does (auto is "
+                          "balanced; sequential fills each device in turn). Default: all on --device. Example: "
+                          "--device-map auto --max-memory 0=20GiB,cpu=60GiB"),
+        click.option("--max-memory", metavar="DEV=SIZE[,...]", default=None,
+                     help="Budget per GPU index and for cpu, sizes as for --memory-cap; what does not fit goes to "
+                          "disk. Needs --device-map. Example: --max-memory cpu=120MiB"),
+    ]
+    if offload:
+        options.append(click.option(
+            "--offload-folder", type=click.Path(file_okay=False), default=None,
+            help="Where layers mapped to disk are written when they must be: disk layers are read at every "
+                 "forward, from the model's own safetensors file when it has one (the folder then stays empty and "
+                 "is removed). Without a GPU the CPU runs every layer. Default: OUTPUT/offload. Example: "
+                 "--offload-folder /scratch/off"))
+    return apply(*options)
 
 
 def format_option() -> Callable:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from ..errors import EXIT_FAILURE, EXIT_INTERRUPTED, UsageError
@@ -11,23 +9,8 @@ from ..render.console import err_console
 from ..run.config import RunConfig
 from ..schemes import KV_DTYPE_AUTO
 from .finetune import finetune_options, refuse_finetune_options, task_option
-from .options import COUNT, WHOLE, apply, attn_list_option, batch_option, count_option, device_option, \
-    dtype_option, format_option, kv_dtype_option, model_option
-
-
-def parse_size(text: str | None) -> int | None:
-    """'512M', '2G', '1.5GiB' or a byte count → bytes (powers of 1024)."""
-    if text is None:
-        return None
-    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(raw[-1:], 1)
-    try:
-        value = float(raw[:-1] if scale > 1 else raw) * scale
-    except ValueError:
-        value = -1
-    if not 1 <= value < math.inf:
-        raise UsageError(f"memory cap must be a size such as 512M or 2G, got {text!r}")
-    return int(value)
+from .options import COUNT, WHOLE, apply, attn_list_option, batch_option, count_option, device_map_options, \
+    device_option, dtype_option, format_option, kv_dtype_option, model_option, parse_max_memory, parse_size
 
 
 @click.command("run")
@@ -61,6 +44,7 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--memory-cap", default=None, metavar="SIZE",
               help="Let each configuration's process grow by at most SIZE (e.g. 4G) after its imports, as on a "
                    "smaller machine (CPU memory; Linux).")
+@device_map_options(offload=True)
 @click.option("--trust-remote-code", is_flag=True,
               help="Run Python code shipped with the model (never needed for Falcon). Only for code you trust.")
 @click.option("--allow-pickle", is_flag=True,
@@ -73,8 +57,8 @@ def parse_size(text: str | None) -> int | None:
 @format_option()
 def run_command(models, dtypes, prompt_tokens, new_tokens, batches, kv_dtype, attn_impls, device, random_weights,
                 repeats, warmup, int8_threshold, quality, reference, eval_text, eval_tokens, window, stride, output,
-                resume, memory_cap, trust_remote_code, allow_pickle, allow_downloads, task, methods, lora_r,
-                lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
+                resume, memory_cap, device_map, max_memory, offload_folder, trust_remote_code, allow_pickle,
+                allow_downloads, task, methods, lora_r, lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt):
     """Measure the model at every point of the matrix (schemes × attention kernels × prompt lengths × new-token
     counts × batch sizes) beside the plan: one fresh process per scheme and kernel, its shape points inside it;
     then write the report into the output folder.
@@ -91,9 +75,14 @@ def run_command(models, dtypes, prompt_tokens, new_tokens, batches, kv_dtype, at
       falconbench run -m falcon-7b --random-weights --device cuda --new-tokens 128
       falconbench run -m tiiuae/falcon-7b -d bf16,nf4 --format json
       falconbench run -m smollm2 -o reports/smol --resume
+      falconbench run -m smollm2 -d bf16 --device cpu --device-map auto --max-memory cpu=120MiB
       falconbench run --task finetune -m smollm2 --method lora,qlora,full --seq-len 128 --device cpu
     """
     refuse_finetune_options(task, methods, seq_lens)
+    budgets = parse_max_memory(max_memory)
+    if task == "finetune" and (device_map or budgets or offload_folder):
+        raise UsageError("--device-map, --max-memory and --offload-folder are for --task inference; a fine-tune "
+                         "trains on one device (--device)")
     if task == "finetune":  # --repeats timed steps after --warmup untimed ones, --batch sequences per step
         from .finetune import given_dtypes
         from .run_finetune import run_finetune_command
@@ -118,9 +107,10 @@ def run_command(models, dtypes, prompt_tokens, new_tokens, batches, kv_dtype, at
         quality=quality, random_weights=random_weights, repeats=repeats, warmup=warmup,
         int8_threshold=int8_threshold, reference=reference, eval_text=eval_text, eval_tokens=eval_tokens,
         window=window, stride=stride, memory_cap_bytes=parse_size(memory_cap), trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, allow_downloads=allow_downloads)
+        allow_pickle=allow_pickle, allow_downloads=allow_downloads, device_map=device_map,
+        max_memory=tuple((budgets or {}).items()), offload_folder=offload_folder)
     progress = render.RunProgress()
-    from ..run.orchestrator import terminate_as_interrupt
+    from ..run.signals import terminate_as_interrupt
 
     # NOTE: SIGTERM and SIGHUP act as Ctrl-C from here to the last line printed, the report's write included
     with terminate_as_interrupt():

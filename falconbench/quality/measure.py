@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError
+from ..run.decode import input_device
 from .reference import (StoredReference, check_reference_size, read_reference, reference_path,
                         write_reference)
 from .result import QualityResult
@@ -58,7 +59,7 @@ def _logits(model, ids, window: Window):
     """The window's logits at the positions that predict its scored tokens, checked to be finite."""
     import torch
 
-    device = getattr(model, "device", None) or next(model.parameters()).device
+    device = input_device(model)
     inputs = ids[window.begin:window.end].unsqueeze(0).to(device)
     logits = model(input_ids=inputs, use_cache=False).logits[0, window.logit_slice]
     if not torch.isfinite(logits).all():
@@ -144,7 +145,7 @@ def greedy_continuation(model, prompt_ids: list[int], n_tokens: int) -> list[int
 
     from ..run.decode import generate_fixed
 
-    device = getattr(model, "device", None) or next(model.parameters()).device
+    device = input_device(model)
     generation = generate_fixed(model, torch.tensor([prompt_ids], device=device), n_tokens, tracker=None)
     return [int(token) for token in generation.tokens[0]]
 
@@ -160,7 +161,7 @@ def top2_gaps(model, prompt_ids: list[int], greedy: list[int]) -> list[float]:
     and the continuation, teacher-forced)."""
     import torch
 
-    device = getattr(model, "device", None) or next(model.parameters()).device
+    device = input_device(model)
     ids = torch.tensor([prompt_ids + greedy[:-1]], device=device)
     logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1:].float()
     top = logits.topk(2, dim=-1).values

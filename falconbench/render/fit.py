@@ -123,6 +123,10 @@ def notes(result: FitResult) -> list[str]:
         lines.append(f"Calibrated from {result.calibration_source}: {used}. Runtime = measured peak − weights − KV "
                      "at the run's context, plus the planner's growth of the transients to the asked context.")
         lines += [f"  {note}" for note in result.calibration_notes]
+    if result.placements:
+        from .plan import PLACEMENT_NOTE, placement_line
+
+        lines += [placement_line(result.model, dtype, p) for dtype, p in result.placements] + [PLACEMENT_NOTE]
     return lines
 
 

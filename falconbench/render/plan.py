@@ -65,6 +65,25 @@ def _caption(rows: Sequence[PlanRow]) -> str:
             f"{SAFETY_MARGIN:.0%} of its memory free.")
 
 
+def placement_line(model: str, dtype: str, placement) -> str:
+    """Where a device map puts one model's layers in one scheme: layers and weight bytes per device."""
+    where = " · ".join(f"{device} {placement.layers.get(device, 0)} layers, {format_bytes(size)}"
+                       for device, size in placement.weights_bytes.items())
+    return f"{model} {dtype} under --device-map {placement.device_map}: {where}"
+
+
+def placement_lines(rows: Sequence[PlanRow]) -> list[str]:
+    """One placement line per model × scheme (context and batch do not move weights)."""
+    seen = {(r.model, r.dtype): r.placement for r in rows if r.placement is not None}
+    lines = [placement_line(model, dtype, placement) for (model, dtype), placement in seen.items()]
+    return lines + ([PLACEMENT_NOTE] if lines else [])
+
+
+PLACEMENT_NOTE = ("Placement: transformers' device-map rules (the first GPU, or the CPU, keeps room for the largest "
+                  "layer; a tied head stays with the embeddings); only weights are placed, the KV cache and "
+                  "activations come on top on the devices that run the layers.")
+
+
 def plan_markdown(rows: Sequence[PlanRow]) -> str:
     return to_markdown(HEADERS, [_cells(r) for r in rows], RIGHT)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 from ..comparison import Comparison, SchemeRow
 from .console import format_bytes, format_number, format_percent, format_seconds, versus_plan
 
+PLACEMENT = "Placement"  # shown only when some row's layers were split over devices
 NOISY_CV = 0.25  # decode-step spread above which the caption says the timings are not to be trusted
 
 
@@ -51,6 +52,13 @@ def _rate(value: float | None) -> str:
     return format_number(value, ",.1f")
 
 
+def _placement(row: SchemeRow) -> str:
+    """Decoder layers per device under a device map (`gpu0 20 · cpu 10 · disk 2`); a row without one: its device."""
+    if row.placement:
+        return " · ".join(f"{device} {layers}" for device, layers in row.placement if layers)
+    return "all " + ("gpu0" if row.device == "cuda" else str(row.device or "-"))
+
+
 Column = tuple[str, Callable[[SchemeRow], str], bool]  # header, cell, right-aligned
 
 MEMORY_COLUMNS: tuple[Column, ...] = (
@@ -80,6 +88,7 @@ SPEED_COLUMNS: tuple[Column, ...] = (
     ("Step", lambda r: format_seconds(r.decode_token_seconds), True),
     ("Step p90", lambda r: format_seconds(r.decode_token_p90), True),
     ("Step CV", lambda r: format_percent(r.decode_token_cv, signed=False), True),
+    (PLACEMENT, _placement, False),  # beside the rate: a split's cost is its rate against a one-device row's
     ("Decode tok/s", lambda r: _rate(r.decode_tokens_per_second), True),
     ("Bound", lambda r: _rate(r.decode_bound_tokens_per_second), True),
     ("Share", lambda r: format_percent(r.bandwidth_share, signed=False), True),
@@ -142,7 +151,8 @@ def table_cells(comparison: Comparison) -> list[TableCells]:
     tables = []
     for title, figures, one_per_scheme in TABLES:
         rows = per_scheme(comparison.rows) if one_per_scheme else list(comparison.rows)
-        shown = [c for c in figures if any(c[1](row) != "-" for row in rows)]
+        shown = [c for c in figures if any(c[1](row) != "-" for row in rows)
+                 and (c[0] != PLACEMENT or any(row.split for row in rows))]
         if not shown:
             continue
         columns = _key_columns(comparison, one_per_scheme) + shown
@@ -166,6 +176,11 @@ def caption_lines(comparison: Comparison) -> list[str]:
         lines.append("Bound: decode tokens/s if a step only read the weights and the batch's KV cache at the "
                      "measured copy bandwidth; Share: the measured rate as a share of it. Step: one decode step "
                      "(a token for each sequence); p90 and CV over every step of the repeats.")
+    if any(r.split for r in rows):
+        lines.append("Placement: decoder layers per device, read from the loaded model's hf_device_map (transformers' "
+                     "device map under --max-memory). Layers on the CPU beside a GPU are copied to it at every step, "
+                     "layers on disk are read from disk at every step: the cost is the Decode tok/s of a split row "
+                     "against a row all on one device. Weights counts every weight wherever it is.")
     references = sorted({r.reference for r in rows if r.reference})
     if references:
         lines.append(f"Quality against {', '.join(references)}, once per scheme: Δ PPL % is (perplexity − the "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, UsageError
+from ..placement import check_device_map
 from ..planner import ATTN_IMPLS, DEVICES, check_positive
 from ..results import settings_hash
 from ..schemes import Scheme, get_scheme, kv_dtype_for  # noqa: F401 - kv_dtype_for is re-exported
@@ -60,9 +61,17 @@ class RunConfig:
     allow_pickle: bool = False
     allow_downloads: bool = False
     memory_cap_bytes: int | None = None  # address space the worker may add after its imports (RLIMIT_AS)
+    # how transformers splits the layers (None: all on `device`), with a budget per device ("0", "cpu")
+    device_map: str | None = None
+    max_memory: tuple[tuple[str, int], ...] = ()
+    offload_folder: str | None = None  # where disk-mapped weights may be written (None: OUTPUT/offload)
 
     def __post_init__(self):
         get_scheme(self.dtype)
+        check_device_map(self.device_map, dict(self.max_memory), self.device)
+        if self.device_map and self.random_weights:
+            raise UsageError("--device-map places the weights transformers' from_pretrained reads, and random "
+                             "weights are built in place. Measure a model folder, or leave --device-map out")
         if self.device not in DEVICES:
             raise UsageError(f"device must be one of {', '.join(DEVICES)} once resolved, not {self.device!r}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -129,8 +138,14 @@ class RunConfig:
             "kv_dtype": kv_dtype_for(scheme), "attn_impl": self.attn_impl,
             "quantization": quantization_settings(scheme, self.int8_threshold),
             "quality": self.quality_settings(), "trust_remote_code": self.trust_remote_code,
-            "allow_pickle": self.allow_pickle, "memory_cap_bytes": self.memory_cap_bytes,
+            "allow_pickle": self.allow_pickle, "memory_cap_bytes": self.memory_cap_bytes, **self.map_settings(),
         }
+
+    def map_settings(self) -> dict[str, Any]:
+        """The device map and its budgets, when there is one (absent otherwise, so earlier rows keep their hash)."""
+        if not self.device_map:
+            return {}
+        return {"device_map": self.device_map, "max_memory": dict(self.max_memory)}
 
     def quality_settings(self) -> dict[str, Any] | None:
         """What the quality measurement is scored on (None when it is not measured)."""

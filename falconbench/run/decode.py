@@ -37,6 +37,13 @@ def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int, device: str)
     return torch.randint(0, vocab_size, (batch, tokens), generator=generator).to(device)
 
 
+def input_device(model):
+    """Where a model's inputs go: its parameters' device; under a device map whose first modules are offloaded
+    (meta tensors behind accelerate's hooks, which move inputs themselves), a device that holds weights."""
+    devices = [p.device for p in model.parameters() if p.device.type != "meta"]
+    return devices[0] if devices else "cpu"
+
+
 def cache_keyword(model) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache` (forward argument and output field); use whichever
     this version has."""

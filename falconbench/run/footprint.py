@@ -9,15 +9,19 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator
 
 
-def tensor_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind `tensors` (None entries skipped)."""
+def tensor_bytes(tensors: Iterable[Any], offloaded: bool = False) -> int:
+    """Bytes of the distinct storages behind `tensors` (None entries skipped). With `offloaded`, a meta tensor is a
+    weight accelerate keeps elsewhere (CPU memory or disk, read at each forward): its elements × width count."""
     seen: dict[tuple[str, int], int] = {}
     for tensor in tensors:
         if tensor is None:
             continue
-        storage = tensor.untyped_storage()
         if tensor.device.type == "meta":
-            raise ValueError("a tensor is still on the meta device; the model was not fully materialized")
+            if not offloaded:
+                raise ValueError("a tensor is still on the meta device; the model was not fully materialized")
+            seen[("meta", id(tensor))] = tensor.numel() * tensor.element_size()
+            continue
+        storage = tensor.untyped_storage()
         seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 
@@ -55,8 +59,8 @@ def model_tensors(model: Any) -> Iterator[Any]:
 
 
 def weights_bytes(model: Any) -> int:
-    """Exact bytes of the loaded weights, deduplicated by storage."""
-    return tensor_bytes(model_tensors(model))
+    """Exact bytes of the loaded weights, deduplicated by storage, wherever a device map put them."""
+    return tensor_bytes(model_tensors(model), offloaded=bool(getattr(model, "hf_device_map", None)))
 
 
 def cache_layers(cache: Any) -> list[Any]:

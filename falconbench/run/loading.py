@@ -240,8 +240,9 @@ def load_pretrained(config: RunConfig, source: ModelSource, synchronize) -> Load
 
     scheme = config.scheme
     # NOTE: safetensors only (torch.load of a pickle can run code) and no remote code, unless the user said so.
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(scheme.torch_dtype),
-                              "device_map": {"": 0 if config.device == "cuda" else "cpu"},
+    from .devicemap import from_pretrained_kwargs
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(scheme.torch_dtype), **from_pretrained_kwargs(config),
                               "use_safetensors": None if config.allow_pickle else True,
                               "trust_remote_code": config.trust_remote_code,
                               "attn_implementation": config.attn_impl}

@@ -30,6 +30,7 @@ class LoadMeasurement:
     quantized_by: dict[str, int]  # {"transformers": n, "falconbench": m}
     phase: dict[str, int]  # the tracker's figures for the load phase
     peak_bytes: int | None  # the load's peak above the baseline
+    placement: dict[str, Any] | None = None  # under a device map: layers, parameters, bytes per device (Placement)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def build_row(base: RunResult, status: str, error: str | None, measured: Measure
                       quantized_params=load.quantized_params, params=load.params)
         latency["load_seconds"] = {**load.steps, "total": load.seconds}
         memory.update(quantized_by=load.quantized_by, load_peak_bytes=load.peak_bytes, phases={"load": load.phase})
+        if load.placement:
+            memory["placement"] = load.placement
         if load.unquantized_blocks:
             memory["unquantized_blocks"] = load.unquantized_blocks
     if measured.speed is not None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +24,11 @@ from . import worker
 from .rundir import hold_run_folder, keep_model_config, prepare_output, reference_unusable, resume_rows
 from .config import RUN_DEVICES, RunConfig, config_hash, default_output_dir, kv_dtype_for, machine_memory_bytes, \
     model_identity, require_weights
+from .devicemap import check_placement, planned_placement
 from .hub import resolve_or_download
 from .measurement import build_row
 from .settings import RunSettings, group_loads, skip_reason
+from .signals import STOP_SIGNALS, signals_blocked, terminate_as_interrupt  # noqa: F401 - re-exported
 
 WORKER_LOG = "worker.log"
 
@@ -147,8 +147,9 @@ def check_up_front(configs: Sequence[RunConfig], source: ModelSource) -> None:
     from .config import check_against_model
 
     spec = source.spec()
-    for config in configs:  # every point of the matrix must fit the model's positions
+    for config in configs:  # every point of the matrix must fit the model's positions, its layers their devices
         check_against_model(config, spec)
+        check_placement(config, planned_placement(config, spec))
     for config in configs[:1]:  # every configuration of a sweep shares the quality settings
         if config.quality:
             quality = config.quality_spec()
@@ -247,82 +248,21 @@ def run_sweep(configs: Sequence[RunConfig], output_dir: Path, on_event: OnEvent 
     return [rows[i] for i in range(total)]
 
 
-@contextmanager
-def terminate_as_interrupt():
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt, as Ctrl-C does, so every way of stopping a sweep ends the
-    worker and records the configuration in flight as interrupted. Only in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def planned_row(config: RunConfig, quality_skipped: str | None = None,
                 source: ModelSource | None = None) -> RunResult:
     """The row before measurement: identity, settings, hash, and the planner's figures for this run."""
     from .. import __version__  # here: the package's __init__ imports this module before it sets its version
 
     source = source or resolve_model(config.model)
-    identity = model_identity(source, config.random_weights, config.allow_pickle)
-    plan = plan_point(source.spec(), config.scheme, context=config.cached_tokens, batch=config.batch,
-                      kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device,
-                      prefill_tokens=config.prompt_tokens)
+    identity, spec = model_identity(source, config.random_weights, config.allow_pickle), source.spec()
+    plan = replace(plan_point(spec, config.scheme, context=config.cached_tokens, batch=config.batch,
+                              kv_dtype=kv_dtype_for(config.scheme), attn_impl=config.attn_impl, device=config.device,
+                              prefill_tokens=config.prompt_tokens),
+                   placement=planned_placement(config, spec))
     return RunResult(model=source.name, dtype=config.dtype, status="error", config_hash=config_hash(identity, config),
                      device=config.device, settings={**config.settings(), "model_source": identity},
                      plan=plan.as_dict(), falconbench_version=__version__,
                      quality={"skipped": f"quality not measured: {quality_skipped}"} if quality_skipped else {})
-
-
-# NOTE: blocked while the worker starts, so it inherits the block: Ctrl-C (sent to the whole process group), SIGTERM
-# and SIGHUP then reach only the parent, which kills the worker and records its row as interrupted. A worker hit
-# while its interpreter starts would print a traceback, or die first and leave an "error" row that --resume keeps.
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
-
-@contextmanager
-def signals_blocked(signals: frozenset):
-    """Block `signals` in this thread, and hold back their Python handlers, while the block runs; a process
-    started meanwhile keeps the mask for its whole life. A signal that came meanwhile raises KeyboardInterrupt
-    once the block is done.
-
-    NOTE: the mask alone is not enough. It is per thread, and the sweep has others (the progress display's
-    refresh thread): the kernel hands a process-directed signal to a thread that does not block it, and Python
-    then runs the handler in the main thread at its next instruction, inside `Process.start()`. Raised between
-    spawning the child and sending it its pickled arguments, that left a child whose pid the parent never
-    learnt: it printed a traceback from multiprocessing/spawn.py on the terminal and was never killed.
-    """
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
-        yield
-        return
-    arrived: list[int] = []
-    held = {}
-    if threading.current_thread() is threading.main_thread():
-        held = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in signals}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        # still masked: take the signals pending for this thread, so none reaches a restored handler half-way
-        for sig in signal.sigpending() & set(signals):
-            signal.sigtimedwait([sig], 0)
-            arrived.append(sig)
-        try:
-            for sig, handler in held.items():
-                signal.signal(sig, handler)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    arrived = [sig for sig in arrived if held.get(sig) is not signal.SIG_IGN]
-    if arrived:
-        raise KeyboardInterrupt(*([] if arrived[0] == signal.SIGINT else [signal.Signals(arrived[0]).name]))
 
 
 def run_load(configs: Sequence[RunConfig], bases: Sequence[RunResult], output_dir: Path,

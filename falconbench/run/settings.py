@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import UsageError
+from ..placement import check_device_map
 from ..planner import ATTN_IMPLS
 from ..schemes import DEFAULT_DTYPES, get_scheme
 from .config import RUN_DEVICES, RunConfig
@@ -60,8 +61,13 @@ class RunSettings:
     allow_pickle: bool = False
     allow_downloads: bool = False
     memory_cap_bytes: int | None = None
+    device_map: str | None = None  # auto | balanced | sequential; None: everything on `device`
+    max_memory: tuple[tuple[str, int], ...] = ()  # (("0", bytes), ("cpu", bytes)): the map's budgets
+    offload_folder: str | None = None  # None: OUTPUT/offload
 
     def __post_init__(self):
+        budgets = self.max_memory.items() if isinstance(self.max_memory, dict) else self.max_memory
+        object.__setattr__(self, "max_memory", tuple((str(device), size) for device, size in budgets))
         # NOTE: canonical scheme names, so BF16 and bf16 are one configuration
         object.__setattr__(self, "dtypes", _distinct("dtype", [get_scheme(d).name for d in self.dtypes]))
         object.__setattr__(self, "attns", _distinct("attn", [a.strip().lower() for a in self.attns]))
@@ -74,6 +80,7 @@ class RunSettings:
             raise UsageError(f"unknown device {self.device!r}. Choose from: {', '.join(RUN_DEVICES)}")
         if self.reference is not None:
             object.__setattr__(self, "reference", get_scheme(self.reference).name)
+        check_device_map(self.device_map, dict(self.max_memory), "cpu" if self.device == "cpu" else "cuda")
 
     def configs(self, model: str, device: str, quality: bool, reference: str) -> list[RunConfig]:
         """Every point of the matrix, the reference's load first when quality is measured. Quality is a property

@@ -9,10 +9,7 @@ out-of-memory row still says what loading cost.
 
 from __future__ import annotations
 
-import faulthandler
-import multiprocessing
 import os
-import signal
 import statistics
 import sys
 from dataclasses import replace
@@ -23,6 +20,7 @@ from ..errors import FalconbenchError, RunError
 from ..sources import resolve_model
 from .config import RunConfig
 from .measurement import LoadMeasurement, Measurement, SpeedMeasurement
+from .process import cap_memory, end_with_parent, redirect_output  # noqa: F401 - the worker's setup
 from .stats import summarize
 
 Emit = Callable[..., None]
@@ -62,44 +60,6 @@ def failure_status(exc: BaseException) -> str:
     return "oom" if is_oom(exc) else ("interrupted" if isinstance(exc, KeyboardInterrupt) else "error")
 
 
-def end_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so a killed sweep leaves no worker behind."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no prctl: the parent still kills its worker on every way out it sees
-        pass
-    parent = multiprocessing.parent_process()
-    # the parent died before the request took effect (NOTE: the orphan's new parent is a subreaper, not always 1)
-    if os.getppid() == 1 or (parent is not None and os.getppid() != parent.pid):
-        os._exit(1)
-
-
-def cap_memory(extra_bytes: int) -> None:
-    """Let this process's address space grow by at most `extra_bytes` from now on (RLIMIT_AS): allocations past
-    it fail as they would on a smaller machine, and the row reads oom."""
-    import resource
-
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        current = int(statm.read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (current + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
-
-
-def redirect_output(path: str) -> None:
-    """Send this process's stdout and stderr (library warnings, progress bars, crash dumps) to the log."""
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    faulthandler.enable()  # a crash in native code (a segfault at a --memory-cap) leaves its Python stack here
-
-
 def is_oom(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, MemoryError, or an allocator's RuntimeError (CPU: "can't allocate memory")."""
     if isinstance(exc, MemoryError):
@@ -130,7 +90,9 @@ def measure_load(points: list[RunConfig], emit: Emit, output_dir: Path | None,
     out-of-memory point is its row; the points that need at least as much are sent as skipped."""
     from . import environment, trackers
 
-    first = points[0]
+    from .devicemap import with_offload_folder
+
+    first = with_offload_folder(points[0], output_dir)
     source = resolve_model(first.model)
     emit("phase", index=0, phase="setup")
     tracker = trackers.make_tracker(first.device)
@@ -265,13 +227,18 @@ def load_phase(config: RunConfig, source, tracker, emit: Emit):
         raise LoadFailed(exc) from None
     finally:
         tracker.end("load")
+    from .devicemap import measured_placement, remove_if_empty
+
+    remove_if_empty(config.offload_folder)
+    placement = measured_placement(loaded.model, config.device_map) if config.device_map else None
     quantized, linear = loading.count_quantized(loaded.model)
     census = loading.parameter_census(loaded.model)
     blocks = [list(block) for block in census.float_blocks] if config.scheme.quantized else []
     load = LoadMeasurement(seconds=seconds, steps=loaded.seconds, weights_bytes=footprint.weights_bytes(loaded.model),
                            quantized_layers=quantized, linear_layers=linear, quantized_params=census.quantized_params,
                            params=census.params, unquantized_blocks=blocks, quantized_by=loaded.quantized_by,
-                           phase=tracker.phases["load"], peak_bytes=tracker.peak_bytes(("load",)))
+                           phase=tracker.phases["load"], peak_bytes=tracker.peak_bytes(("load",)),
+                           placement=placement and placement.as_dict())
     try:
         check_quantized(config, quantized, linear)
         check_quantized_share(config, census, planned_quantized_params(config, source))

@@ -1,0 +1,154 @@
+"""The planned device-map split against the library's own: transformers' `_get_device_map` (what `from_pretrained`
+calls with device_map="auto" and max_memory) on the model built on the meta device, for float and bitsandbytes
+schemes, one GPU or several, CPU and disk."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from falconbench.errors import UsageError
+from falconbench.placement import check_device_map, check_plan_budgets, device_label, plan_placement
+from falconbench.planner import weights_bytes
+from falconbench.schemes import get_scheme
+from falconbench.sources import resolve_model
+from tiny_models import TINY_FALCON, TINY_LLAMA, TINY_MIXTRAL, write_config
+
+torch = pytest.importorskip("torch")
+
+SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                 "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                 "max_position_embeddings": 8192, "tie_word_embeddings": True}
+MODELS = {"llama": {**TINY_LLAMA, "num_hidden_layers": 6}, "falcon": {**TINY_FALCON, "num_hidden_layers": 5},
+          "mixtral": {**TINY_MIXTRAL, "num_hidden_layers": 4}, "smollm2": SMOLLM2_SHAPE}
+
+
+def meta_model(config: dict, scheme_name: str):
+    """The model as from_pretrained builds it before placing it: on meta, bitsandbytes layers swapped in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    fields = dict(config)
+    scheme = get_scheme(scheme_name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
+                                                 dtype=getattr(torch, scheme.torch_dtype))
+    if not scheme.quantized:
+        return model, None
+    # NOTE: fp32 CPU offload allowed only so that validate_environment lets the oracle answer for every budget;
+    # it changes nothing in the sizes the split is computed from
+    bnb = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True) if scheme.kind == "int8" else
+           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme.quant_type,
+                              bnb_4bit_compute_dtype=getattr(torch, scheme.torch_dtype),
+                              llm_int8_enable_fp32_cpu_offload=True))
+    quantizer = AutoHfQuantizer.from_config(bnb, pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=getattr(torch, scheme.torch_dtype), device_map="auto",
+                               checkpoint_files=None, use_kernels=False)
+    return model, quantizer
+
+
+def library_layers(config: dict, scheme: str, device_map: str, max_memory: dict[str, int]) -> dict[str, int]:
+    """Decoder layers per device in the map transformers computes."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    model, quantizer = meta_model(config, scheme)
+    budgets = {int(k) if k.isdigit() else k: v for k, v in max_memory.items()}
+    return layers_by_device(model, _get_device_map(model, device_map, budgets, quantizer))
+
+
+def budgets(rng: random.Random, total: int) -> dict[str, int]:
+    """Budgets around the model's size: up to three GPUs and the CPU, so every kind of split comes up."""
+    scale = total * rng.choice([0.3, 0.6, 1.0, 1.5])
+    chosen = {str(g): int(rng.random() * scale) for g in range(rng.randint(0, 3))}
+    if not chosen or rng.random() < 0.7:
+        chosen["cpu"] = int(rng.random() * scale)
+    return chosen
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("scheme", ["bf16", "fp32", "nf4", "int8"])
+def test_layers_per_device_are_the_libraries(tmp_path, name, scheme):
+    config = MODELS[name]
+    spec = resolve_model(str(write_config(tmp_path / name, config))).spec()
+    rng = random.Random(f"{name}-{scheme}")
+    splits = set()
+    for _ in range(12):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16" if scheme != "fp32" else "fp32")))
+        device_map = rng.choice(["auto", "balanced", "sequential"])
+        planned = plan_placement(spec, get_scheme(scheme), device_map, max_memory)
+        assert {d: n for d, n in planned.layers.items() if n} == library_layers(config, scheme, device_map,
+                                                                                 max_memory), (device_map, max_memory)
+        splits.add(len([n for n in planned.layers.values() if n]))
+    assert max(splits) > 1  # the budgets did split the layers
+
+
+def test_offload_reserves_the_largest_module_still_to_place():
+    """SmolLM2 at 120 MiB of CPU: the embeddings (54 MiB) are the largest module, but once they are placed the
+    room kept back is one layer's, so 8 layers join them on the CPU and 22 go to disk (as from_pretrained does)."""
+    spec = resolve_model("smollm2").spec()
+    placement = plan_placement(spec, get_scheme("bf16"), "auto", {"cpu": 120 * 2**20})
+    assert placement.layers == {"cpu": 8, "disk": 22}
+    assert sum(placement.weights_bytes.values()) == weights_bytes(spec, get_scheme("bf16"))
+    assert placement.split
+
+
+def test_balanced_caps_all_gpus_but_the_last():
+    spec = resolve_model("falcon-7b").spec()
+    sequential = plan_placement(spec, get_scheme("bf16"), "sequential", {"0": 40 * 2**30, "1": 40 * 2**30})
+    balanced = plan_placement(spec, get_scheme("bf16"), "balanced", {"0": 40 * 2**30, "1": 40 * 2**30})
+    assert sequential.layers == {"gpu0": 32}
+    assert balanced.layers == {"gpu0": 16, "gpu1": 16}
+
+
+@pytest.mark.parametrize("device_map, max_memory, device, message", [
+    (None, {"cpu": 1}, "cpu", "--max-memory is the budget of a device map"),
+    ("auto", {"npu": 1}, "cuda", "use a GPU index"),
+    ("auto", {"0": 1}, "cpu", "names GPU 0 but the device is cpu"),
+    ("spread", {}, "cuda", "unknown device map 'spread'"),
+])
+def test_bad_device_maps_are_refused(device_map, max_memory, device, message):
+    with pytest.raises(UsageError, match=message):
+        check_device_map(device_map, max_memory, device)
+
+
+def test_plan_needs_budgets():
+    with pytest.raises(UsageError, match="needs --max-memory"):
+        check_plan_budgets("auto", None, "cuda")
+
+
+def test_placement_survives_json():
+    spec = resolve_model("smollm2").spec()
+    placement = plan_placement(spec, get_scheme("bf16"), "sequential", {"cpu": 120 * 2**20})
+    assert json.loads(json.dumps(placement.as_dict()))["layers"] == {"cpu": 8, "disk": 22}
+
+
+def layers_by_device(model, mapping) -> dict[str, int]:
+    owners = sorted(mapping, key=len, reverse=True)
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in model._no_split_modules:
+            device = next(mapping[k] for k in owners if k == "" or name == k or name.startswith(k + "."))
+            counts[device_label(device)] = counts.get(device_label(device), 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sequential_split_is_accelerates_too(tmp_path, name):
+    """accelerate's own `infer_auto_device_map` (tied model, the decoder layers unsplittable) agrees with
+    transformers' copy on a sequential float split; their `get_balanced_memory` buffers differ, so `balanced` is
+    checked against transformers only (the one `from_pretrained` calls)."""
+    from accelerate import infer_auto_device_map
+
+    config = MODELS[name]
+    spec = resolve_model(str(write_config(tmp_path / name, config))).spec()
+    rng = random.Random(name)
+    for _ in range(8):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16")))
+        model, _ = meta_model(config, "bf16")
+        model.tie_weights()
+        mapping = infer_auto_device_map(model, {int(k) if k.isdigit() else k: v for k, v in max_memory.items()},
+                                        no_split_module_classes=list(model._no_split_modules))
+        planned = plan_placement(spec, get_scheme("bf16"), "sequential", max_memory)
+        assert {d: n for d, n in planned.layers.items() if n} == layers_by_device(model, mapping), max_memory
