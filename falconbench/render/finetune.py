@@ -8,7 +8,7 @@ from rich.table import Table
 
 from ..finetune import FinetuneRow
 from ..finetune_fit import FinetuneFitResult, FinetuneFitRow
-from .console import format_bytes, format_seconds, to_csv, to_json, to_markdown, versus_plan
+from .console import format_bytes, to_csv, to_json, to_markdown
 
 # (header, FinetuneRow field) per component, in the order a step allocates them.
 COMPONENTS = (("Frozen weights", "frozen_weights_bytes"), ("Trainable", "trainable_bytes"),
@@ -124,95 +124,7 @@ def fit_csv(result: FinetuneFitResult) -> str:
     return to_csv([{k: v for k, v in r.as_dict().items() if k != "plan"} for r in result.rows])
 
 
-# `run --task finetune`: planned beside measured, per component.
-MEASURED = (("Frozen weights", "frozen_weights_bytes"), ("Trainable", "trainable_bytes"),
-            ("16-bit copies", "weight_copy_bytes"), ("Gradients", "gradient_bytes"), ("Optimizer", "optimizer_bytes"),
-            ("Activations", "activation_bytes"), ("Recompute", "recompute_bytes"), ("Logits", "logits_bytes"),
-            ("Logits grad", "logits_grad_bytes"), ("Adapter", "adapter_bytes"))
-
-
-def run_cells(row: dict[str, Any]) -> list[list[str]]:
-    """One line per component: planned, measured, and how far apart."""
-    planned, measured = row.get("planned", {}), row.get("measured", {})
-    return [[name, format_bytes(planned.get(key)), format_bytes(measured.get(key)),
-             versus_plan(measured.get(key), planned.get(key))] for name, key in MEASURED
-            if planned.get(key) or measured.get(key)]
-
-
-def run_title(row: dict[str, Any]) -> str:
-    p, m = row.get("planned", {}), row.get("measured", {})
-    losses = m.get("losses") or []
-    loss = " → ".join(f"{x:.3f}" for x in losses[:1] + losses[-1:]) if losses else "-"
-    trainable = m.get("trainable_params")
-    exact = "= planned" if trainable == p.get("trainable_params") else f"planned {p.get('trainable_params'):,}"
-    return (f"{row['model']} · {p.get('method')} {p.get('dtype')} · seq {p.get('seq_len')} × {p.get('batch')}"
-            + (" · ckpt" if p.get("gradient_checkpointing") else "") + f" · {row['status']}"
-            + (f" · trainable {trainable:,} ({exact}) · loss {loss} · "
-               f"{format_seconds(m.get('seconds_per_step'))}/step · {m.get('tokens_per_second', 0):,.0f} tok/s"
-               if row["status"] == "ok" else f": {row.get('error')}"))
-
-
-def run_tables(rows: Sequence[dict[str, Any]]) -> list[Table]:
-    tables = []
-    for row in rows:
-        notes = "; ".join(row.get("measured", {}).get("notes") or [])
-        table = Table(title=run_title(row), title_justify="left", caption=notes or None, caption_justify="left")
-        for header, right in (("Component", False), ("Planned", True), ("Measured", True), ("Δplan", True)):
-            table.add_column(header, justify="right" if right else "left")
-        for cells in run_cells(row):
-            table.add_row(*cells)
-        phases = row.get("measured", {}).get("memory", {}).get("phases", {})
-        baseline = row.get("measured", {}).get("memory", {}).get("rss_baseline_bytes", 0)
-        for phase, values in phases.items():
-            peak = values.get("rss_peak_bytes", values.get("torch_peak_allocated_bytes"))
-            if peak is not None:
-                table.add_row(f"peak in {phase}", "", format_bytes(peak - (baseline or 0)), "")
-        tables.append(table)
-    return tables
-
-
-def run_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The README's planned-against-measured table: a line per run, each component measured and its Δplan."""
-    shown = [(name, key) for name, key in MEASURED
-             if any(r.get("planned", {}).get(key) or r.get("measured", {}).get(key) for r in rows)]
-    headers = ("Method", "Seq", "Ckpt", *(name for name, _ in shown))
-    body = []
-    for row in rows:
-        p, m = row.get("planned", {}), row.get("measured", {})
-        cells = [f"{format_bytes(m.get(key))} ({versus_plan(m.get(key), p.get(key))})"
-                 if p.get(key) or m.get(key) else "-" for _, key in shown]
-        body.append([f"{p.get('method')} {p.get('dtype')}", str(p.get("seq_len")),
-                     "yes" if p.get("gradient_checkpointing") else "no", *cells])
-    return to_markdown(headers, body, (False, True, False) + (True,) * len(shown))
-
-
 def run_json(rows: Sequence[dict[str, Any]]) -> str:
+    """`run --task finetune --format json`: the rows as results.jsonl holds them (the tables are the report's:
+    render/finetune_rows.py)."""
     return to_json(list(rows))
-
-
-
-def run_summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per run: trainable parameters against the plan, the loss, the speed and each phase's peak."""
-    headers = ("Method", "Seq", "Ckpt", "Status", "Trainable params", "Loss first → last", "Step", "tokens/s",
-               "Peak forward", "Peak backward", "Peak optimizer", "Adapter file")
-    body = []
-    for row in rows:
-        p, m = row.get("planned", {}), row.get("measured", {})
-        memory = m.get("memory", {})
-        baseline = memory.get("rss_baseline_bytes") or 0
-        phases = memory.get("phases", {})
-        peaks = [format_bytes(phases[ph]["rss_peak_bytes"] - baseline) if "rss_peak_bytes" in phases.get(ph, {})
-                 else format_bytes(phases.get(ph, {}).get("torch_peak_allocated_bytes"))
-                 for ph in ("forward", "backward", "optimizer")]
-        losses = m.get("losses") or []
-        trainable = m.get("trainable_params")
-        body.append([f"{p.get('method')} {p.get('dtype')}", str(p.get("seq_len")),
-                     "yes" if p.get("gradient_checkpointing") else "no", row.get("status", "-"),
-                     f"{trainable:,} ({'= plan' if trainable == p.get('trainable_params') else 'plan ' + str(p.get('trainable_params'))})"
-                     if trainable is not None else "-",
-                     f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "-",
-                     format_seconds(m.get("seconds_per_step")),
-                     f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-", *peaks,
-                     f"{m['adapter_file_bytes']:,} B = {m['adapter_bytes']:,} + {m['adapter_header_bytes']:,} header"
-                     if m.get("adapter_file_bytes") else "-"])
-    return to_markdown(headers, body, (False, True, False, False, True, False, True, True, True, True, True, False))

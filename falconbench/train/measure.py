@@ -23,7 +23,6 @@ from ..run.footprint import bnb_state_tensors, tensor_bytes
 from .ledger import SavedTensorLedger
 
 LEARNING_RATE = 1e-3  # large enough that a few steps on one batch move the loss visibly
-PHASES = ("forward", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
