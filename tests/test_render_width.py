@@ -20,6 +20,15 @@ from falconbench.zoo import list_models
 WIDTHS = (80, 100, 200)
 RECORDED = Path(__file__).parent / "data" / "smollm2-cpu"
 MATRIX = Path(__file__).parent / "data" / "smollm2-matrix"
+FINETUNE = Path(__file__).parent / "data" / "smollm2-finetune"
+
+
+def both():
+    """The recorded inference run and the recorded fine-tuning run as one run folder would hold them."""
+    from falconbench.report import comparison_of
+    from falconbench.results import read_finetune_rows, read_results
+
+    return comparison_of([("both", "both", RECORDED, read_results(RECORDED)[0], [], read_finetune_rows(FINETUNE))])
 
 
 def grids() -> dict[str, list[Grid]]:
@@ -34,6 +43,9 @@ def grids() -> dict[str, list[Grid]]:
         "models": [models_render.models_table(list_models())],
         "report (run prints the same)": report_render.report_tables(load_comparison([RECORDED])),
         "report of a matrix": report_render.report_tables(load_comparison([MATRIX])),
+        "report of fine-tuning (run --task finetune prints the same)":
+            report_render.report_tables(load_comparison([FINETUNE])),
+        "report of inference and fine-tuning": report_render.report_tables(both()),
     }
 
 

@@ -61,32 +61,34 @@ def test_eight_bit_optimizer_state_matches_the_plan(tiny_llama_dir):
     assert fields["optimizer_bytes"] == plan.optimizer_bytes
 
 
-def test_run_task_finetune_writes_rows_beside_inference_and_resumes(tiny_falcon_dir, tmp_path, monkeypatch):
+def test_run_task_finetune_prints_the_report_s_view_writes_rows_and_resumes(tiny_falcon_dir, tmp_path, monkeypatch):
     from falconbench.cli import cli
     from falconbench.results import read_results
 
     monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "80")
     reset_consoles()
     args = ["run", "--task", "finetune", "-m", str(tiny_falcon_dir), "--method", "lora", "--seq-len", "32",
-            "--device", "cpu", "--repeats", "2", "--warmup", "1", "-o", str(tmp_path), "-f", "json"]
+            "--device", "cpu", "--repeats", "2", "--warmup", "1", "-o", str(tmp_path)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    reset_consoles()
+    report = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert report.exit_code == 0, report.output
+    assert result.stdout == report.stdout  # one view: run prints exactly the tables report prints of its rows
+    assert "Fine-tuning steps" in result.stdout and "Peak: backward" in result.stdout
+    memory = result.stdout[result.stdout.index("Fine-tuning memory:"):]
+    for component in ("Trainable params", "Gradients", "Optimizer states"):
+        assert next(line for line in memory.splitlines() if line.strip().startswith(component)).rstrip().endswith("exact")
+    assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = CliRunner().invoke(cli, args + ["--resume", "-f", "json"])  # nothing left to measure
+    assert resumed.exit_code == 0 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    rows = json.loads(resumed.stdout)
     assert len(rows) == 1 and rows[0]["task"] == "finetune" and rows[0]["status"] == "ok", rows
     measured, plan = rows[0]["measured"], rows[0]["planned"]
     assert measured["trainable_params"] == plan["trainable_params"] and len(measured["step_seconds"]) == 2
     assert measured["peak_memory_bytes"] > 0 and set(measured["memory"]["phases"]) == {"forward", "backward",
                                                                                          "optimizer"}
-    assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
-    from falconbench.render.finetune import run_markdown
-
-    header, _, line = run_markdown(rows).splitlines()
-    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
-    for component in ("Trainable", "Gradients", "Optimizer", "Adapter"):
-        assert cells[component].endswith("(exact)"), cells
-    again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 2 and "--resume" in again.output
-    resumed = CliRunner().invoke(cli, args + ["--resume"])
-    assert resumed.exit_code == 0 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
     reset_consoles()

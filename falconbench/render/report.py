@@ -63,8 +63,11 @@ def print_comparison(comparison: Comparison) -> None:
 
 def run_lines(comparison: Comparison) -> list[str]:
     """One line per run: its name, what it measured on, where it is."""
-    return [f"{run.name}: {run.device_name or 'unknown device'}, {run.rows} row(s)"
-            + (f", {run.finetune_rows} fine-tuning row(s)" if run.finetune_rows else "") + f" from {run.folder}"
+    def counts(run) -> str:
+        parts = [f"{run.rows} row(s)"] if run.rows or not run.finetune_rows else []
+        return ", ".join(parts + ([f"{run.finetune_rows} fine-tuning row(s)"] if run.finetune_rows else []))
+
+    return [f"{run.name}: {run.device_name or 'unknown device'}, {counts(run)} from {run.folder}"
             for run in comparison.runs]
 
 
@@ -89,7 +92,7 @@ def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems
 
 
 CSV_FIELDS = (
-    "run", "model", "dtype", "status", "error", "attn", "prompt_tokens", "new_tokens", "batch", "cached_tokens",
+    "task", "run", "model", "dtype", "status", "error", "attn", "prompt_tokens", "new_tokens", "batch", "cached_tokens",
     "weights_bytes", "planned_weights_bytes", "kv_cache_bytes", "planned_kv_cache_bytes", "peak_memory_bytes",
     "measured_runtime_bytes", "planned_runtime_bytes", "planned_total_bytes", "planned_activation_bytes",
     "planned_attention_scores_bytes", "planned_logits_bytes", "measured_prefill_runtime_bytes",
@@ -105,6 +108,7 @@ CSV_FIELDS = (
 
 def _csv_row(row: SchemeRow) -> dict:
     values = {name: getattr(row, name, None) for name in CSV_FIELDS}
+    values["task"] = "inference"
     spreads = {"ttft_seconds": row.ttft_spread, "decode_token_seconds": row.decode_token_spread,
                "decode_tokens_per_second": row.decode_spread}
     for name, spread in spreads.items():
@@ -117,11 +121,11 @@ def _csv_row(row: SchemeRow) -> dict:
 def report_csv(comparison: Comparison) -> str:
     """report.csv: one line per configuration, raw units (bytes, seconds, fractions); `task` tells inference
     rows from fine-tuning rows, whose columns follow the inference ones'."""
-    fields = ("task",) + (CSV_FIELDS if comparison.rows else ())
+    fields = CSV_FIELDS if comparison.rows else ()
     if comparison.finetune:
-        fields += tuple(f for f in FINETUNE_CSV_FIELDS if f not in fields)
-    rows = [{"task": "inference", **_csv_row(r)} for r in comparison.rows]
-    return to_csv(rows + [finetune_csv_row(r) for r in comparison.finetune], fields)
+        fields = ("task",) + tuple(f for f in fields + FINETUNE_CSV_FIELDS if f != "task")
+    rows = [_csv_row(r) for r in comparison.rows] + [finetune_csv_row(r) for r in comparison.finetune]
+    return to_csv(rows, fields)
 
 
 STYLE = """
