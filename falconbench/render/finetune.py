@@ -68,7 +68,7 @@ def fit_cell(row: FinetuneFitRow) -> str:
     if not row.fits:
         return f"✗ needs {format_bytes(row.total_bytes)}"
     lines = [f"✓ {format_bytes(row.headroom_bytes)} free", f"seq ≤ {row.max_seq_len:,}", f"batch ≤ {row.max_batch:,}",
-             f"≤ {row.tokens_per_second_bound:,.0f} tok/s"]
+             f"≤ {row.tokens_per_second_bound:,.0f} tok/s ({row.limited_by})"]
     if not row.dtype_supported:
         lines.append("no bf16: " + ("use fp16" if row.suggestion == "fp16" else "fp16 compute"))
     return "\n".join(lines)
@@ -80,8 +80,7 @@ def fit_table(result: FinetuneFitResult) -> Table:
     title = (f"falconbench fit --task finetune: {result.model} · r={first.lora_r or '-'} · {first.optimizer}"
              + (" · gradient checkpointing" if first.gradient_checkpointing else ""))
     table = Table(title=title, title_justify="left", caption_justify="left", show_lines=True,
-                  caption=f"Each card keeps {result.rows[0].margin:.0%} free. tok/s: a memory-bandwidth bound "
-                          "(weights read in forward and backward, optimizer state updated), not a compute bound.")
+                  caption=f"Each card keeps {result.rows[0].margin:.0%} free. {BOUND_CAPTION}")
     table.add_column("GPU")
     for method, dtype, seq_len, batch in setups:
         row = next(r for r in result.rows if (r.method, r.dtype, r.seq_len, r.batch) == (method, dtype, seq_len, batch))
@@ -92,6 +91,12 @@ def fit_table(result: FinetuneFitResult) -> Table:
     return table
 
 
+BOUND_CAPTION = ("tok/s: the lower of two bounds, and which one limits: compute (the card's dense bf16/fp16 "
+                 "peak over a step's FLOPs per token: 6N for full fine-tuning, about 4N for LoRA and QLoRA, 2N more "
+                 "with checkpointing; Kaplan et al. 2020) and memory bandwidth (weights read in forward and backward, "
+                 "optimizer state updated).")
+
+
 def fit_notes(result: FinetuneFitResult) -> list[str]:
     best = result.recommended
     if best is None:
@@ -99,7 +104,9 @@ def fit_notes(result: FinetuneFitResult) -> list[str]:
                 "--gradient-checkpointing or an 8-bit optimizer."]
     return [f"★ Smallest card: {best.gpu} ({format_bytes(best.memory_bytes)}) for {best.method} {best.dtype} at "
             f"seq {best.seq_len:,} × batch {best.batch}: {format_bytes(best.total_bytes)} planned, "
-            f"{format_bytes(best.headroom_bytes)} to spare, sequences up to {best.max_seq_len:,} tokens."]
+            f"{format_bytes(best.headroom_bytes)} to spare, sequences up to {best.max_seq_len:,} tokens; ≤ "
+            f"{best.tokens_per_second_bound:,.0f} tok/s ({best.limited_by}-bound: "
+            f"{best.flops_per_token / 1e9:,.1f} GFLOPs per token)."]
 
 
 def fit_json(result: FinetuneFitResult) -> str:
@@ -113,11 +120,12 @@ def fit_json_many(results: Sequence[FinetuneFitResult]) -> str:
 
 def fit_markdown(result: FinetuneFitResult) -> str:
     headers = ("GPU", "Method", "Dtype", "Seq", "Batch", "Total", "Fits", "Headroom", "Max seq", "Max batch",
-               "tok/s bound")
+               "tok/s bound", "Limited by")
     body = [[r.gpu, r.method, r.dtype, f"{r.seq_len:,}", str(r.batch), format_bytes(r.total_bytes),
              ("yes" if r.fits else "no") + (" ★" if r.recommended else ""), format_bytes(r.headroom_bytes),
-             f"{r.max_seq_len:,}", f"{r.max_batch:,}", f"{r.tokens_per_second_bound:,.0f}"] for r in result.rows]
-    return to_markdown(headers, body, (False, False, False, True, True, True, False, True, True, True, True))
+             f"{r.max_seq_len:,}", f"{r.max_batch:,}", f"{r.tokens_per_second_bound:,.0f}", r.limited_by]
+            for r in result.rows]
+    return to_markdown(headers, body, (False, False, False, True, True, True, False, True, True, True, True, False))
 
 
 def fit_csv(result: FinetuneFitResult) -> str:
