@@ -92,3 +92,27 @@ def test_run_task_finetune_prints_the_report_s_view_writes_rows_and_resumes(tiny
     assert measured["peak_memory_bytes"] > 0 and set(measured["memory"]["phases"]) == {"forward", "backward",
                                                                                          "optimizer"}
     reset_consoles()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gpt2_conv1d_trains_with_fan_in_fan_out_as_peft_wants_it(tmp_path, method):
+    """GPT-2 keeps its linears as transformers' Conv1D (in × out): LoRA adapts them with fan_in_fan_out=True, which
+    the measuring path sets itself, so peft has nothing to correct (it would warn); a 4-bit base has none left."""
+    import warnings
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=256)).save_pretrained(
+        tmp_path / "gpt2")
+    setup = FinetuneSetup(method, seq_len=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fields = measure(tmp_path / "gpt2", setup, tmp_path / "adapter")
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is (method == "lora") and saved["target_modules"] == ["c_attn"]
+    plan = planned(tmp_path / "gpt2", setup)
+    assert fields["trainable_params"] == plan.trainable_params and fields["adapter_bytes"] == plan.adapter_bytes
+    assert fields["losses"][-1] < fields["losses"][0]
