@@ -69,7 +69,12 @@ def test_the_component_table_sets_planned_beside_measured_and_each_phase_peak(fi
     assert steps.title == "Fine-tuning steps" and steps.headers[:2] == ("Setup", "Status")
     assert [row[0] for row in steps.body][:2] == ["lora r16 bf16 128×1", "lora r16 bf16 256×1"]
     assert steps.body[0][steps.headers.index("Loss first → last")] == "3.832 → 3.463"
-    lora = cells[1]
+    deltas = cells[1]
+    assert deltas.headers[0] == "Setup" and "Status" not in deltas.headers
+    first = dict(zip(deltas.headers, deltas.body[0]))
+    assert (first["Trainable"], first["Frozen"], first["Copies"], first["Bwd peak"]) == ("exact", "+256 B", "-",
+                                                                                         "+30.5%")
+    lora = cells[2]
     assert lora.title == "Fine-tuning memory: smollm2 · lora r16 bf16 128×1 · ok"
     lines = {row[0]: row[1:] for row in lora.body}
     assert lines["Trainable params"] == ("3.5 MiB", "3.5 MiB", "exact")
@@ -109,7 +114,7 @@ def test_fine_tuning_rows_that_cannot_be_shown_are_lines_and_a_failed_setup_says
     steps = report_cells(result.comparison)[0]
     assert steps.failed == (False, True) and steps.body[1][1] == "oom"
     assert "lora r16 bf16 256×1: oom: CUDA out of memory" in (tmp_path / "report.md").read_text()
-    assert len(report_cells(result.comparison)) == 2  # the failed setup measured no component: no table of them
+    assert len(report_cells(result.comparison)) == 3  # the failed setup measured no component: no table of them
 
 
 def test_report_prints_the_fine_tuning_tables_at_80_columns(invoke, finetune_only):

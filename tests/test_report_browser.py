@@ -113,7 +113,7 @@ def test_a_fine_tuning_report_shows_its_plot_with_the_others(tmp_path, inference
     assert PLOT_TITLES["finetune.png"] in seen["loadedAlts"]
     assert (PLOT_TITLES["memory.png"] in seen["loadedAlts"]) == inference
     inference_tables = len(table_cells(load_comparison([RECORDED]))) if inference else 0
-    assert seen["tables"] == 13 + inference_tables  # the steps, and a component table per setup
+    assert seen["tables"] == 14 + inference_tables  # the steps, the Δplan overview, a component table per setup
     assert seen["problems"] == [] and console_errors(stderr) == []
 
 

@@ -38,6 +38,17 @@ STEP_COLUMNS: tuple[Column, ...] = (
     ("+ header", lambda r: _count(r.adapter_header_bytes) + " B" if r.adapter_header_bytes is not None else "-",
      True),
 )
+
+PEAK_HEADERS = {"forward": "Fwd", "backward": "Bwd", "optimizer": "Step"}
+SHORT_NAMES = dict(zip(COMPONENTS, ("Frozen", "Trainable", "Copies", "Grads", "Optimizer", "Activ.", "Recomp.",
+                                    "Logits", "Logits grad")))
+DELTA_COLUMNS: tuple[Column, ...] = tuple(
+    (SHORT_NAMES[name], lambda r, n=name: versus_plan(r.measured.get(n), r.planned.get(n)), True)
+    for name in COMPONENTS) + tuple(
+    (f"{PEAK_HEADERS[phase]} peak", lambda r, p=phase: versus_plan(r.measured_peaks.get(p), r.planned_peaks.get(p)), True)
+    for phase in PHASES)
+
+
 def _key_columns(comparison: Comparison) -> list[Column]:
     """Setup first (the column a narrow terminal repeats), then Run and Model where there are several, Status."""
     rows = comparison.finetune
@@ -71,12 +82,15 @@ def component_cells(row: FinetuneResult, where: str) -> TableCells:
 
 
 def finetune_cells(comparison: Comparison) -> list[TableCells]:
-    """The fine-tuning tables as text: the steps (trainable parameters, loss, speed, adapter), then each setup's
-    memory, component by component and phase by phase."""
+    """The fine-tuning tables as text: the steps (trainable parameters, loss, speed, adapter), every setup's Δplan
+    per component and phase peak at a glance, then each setup's memory, planned beside measured, component by
+    component and phase by phase."""
     rows = list(comparison.finetune)
     if not rows:
         return []
-    tables = [_table("Fine-tuning steps", _key_columns(comparison), STEP_COLUMNS, rows)]
+    keys = _key_columns(comparison)
+    tables = [_table("Fine-tuning steps", keys, STEP_COLUMNS, rows),
+              _table("Fine-tuning memory, Δplan per component and per phase peak", keys[:-1], DELTA_COLUMNS, rows)]
     several = len({r.run for r in rows}) > 1
     tables += [component_cells(row, f"{row.run} · {row.model}" if several else row.model) for row in rows
                if any(v is not None for v in row.measured.values())]
