@@ -87,10 +87,9 @@ def finetune_result(run: str, data: Mapping[str, Any]) -> FinetuneResult:
     planned_peaks = phase_peak_bytes(plan_components) if None not in plan_components.values() else {}
     if source.startswith("torch"):  # torch's counters leave the CUDA context out: so does the plan beside them
         planned_peaks = {phase: value - context for phase, value in planned_peaks.items()}
-    losses = tuple(x for x in (as_float(v) for v in measured.get("losses") or () if isinstance(v, (int, float)))
-                   if x is not None) if isinstance(measured.get("losses"), list) else ()
+    losses, notes = measured.get("losses"), measured.get("notes")
     return FinetuneResult(
-        run=run, model=data["model"], status=data["status"], method=str(planned.get("method", "-")),
+        run=run, model=data["model"], status=data["status"], method=str(planned.get("method") or "-"),
         dtype=str(data.get("dtype") or planned.get("dtype") or "-"), seq_len=_int(planned.get("seq_len")),
         batch=_int(planned.get("batch")), error=data.get("error") if isinstance(data.get("error"), str) else None,
         device=str(data.get("device") or "cpu"), lora_r=_int(planned.get("lora_r")),
@@ -102,11 +101,11 @@ def finetune_result(run: str, data: Mapping[str, Any]) -> FinetuneResult:
         trainable_params=_int(measured.get("trainable_params")),
         planned_adapter_bytes=_int(planned.get("adapter_bytes")), adapter_bytes=_int(measured.get("adapter_bytes")),
         adapter_file_bytes=_int(measured.get("adapter_file_bytes")),
-        adapter_header_bytes=_int(measured.get("adapter_header_bytes")), losses=losses,
+        adapter_header_bytes=_int(measured.get("adapter_header_bytes")),
+        losses=tuple(x for x in map(as_float, losses) if x is not None) if isinstance(losses, list) else (),
         seconds_per_step=as_float(measured.get("seconds_per_step")),
         tokens_per_second=as_float(measured.get("tokens_per_second")),
-        notes=tuple(n for n in measured.get("notes") or () if isinstance(n, str))
-        if isinstance(measured.get("notes"), list) else (),
+        notes=tuple(n for n in notes if isinstance(n, str)) if isinstance(notes, list) else (),
         steps=_int(settings.get("steps")), warmup=_int(settings.get("warmup")),
         environment=as_mapping(measured.get("environment")),
     )

@@ -79,7 +79,8 @@ def test_run_task_finetune_prints_the_report_s_view_writes_rows_and_resumes(tiny
     assert "Fine-tuning steps" in result.stdout and "Peak: backward" in result.stdout
     memory = result.stdout[result.stdout.index("Fine-tuning memory:"):]
     for component in ("Trainable params", "Gradients", "Optimizer states"):
-        assert next(line for line in memory.splitlines() if line.strip().startswith(component)).rstrip().endswith("exact")
+        line = next(line for line in memory.splitlines() if line.strip().startswith(component))
+        assert line.rstrip().endswith("exact"), line
     assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "--resume" in again.output

@@ -45,8 +45,8 @@ SHORT_NAMES = dict(zip(COMPONENTS, ("Frozen", "Trainable", "Copies", "Grads", "O
 DELTA_COLUMNS: tuple[Column, ...] = tuple(
     (SHORT_NAMES[name], lambda r, n=name: versus_plan(r.measured.get(n), r.planned.get(n)), True)
     for name in COMPONENTS) + tuple(
-    (f"{PEAK_HEADERS[phase]} peak", lambda r, p=phase: versus_plan(r.measured_peaks.get(p), r.planned_peaks.get(p)), True)
-    for phase in PHASES)
+    (f"{PEAK_HEADERS[phase]} peak", lambda r, p=phase: versus_plan(r.measured_peaks.get(p), r.planned_peaks.get(p)),
+     True) for phase in PHASES)
 
 
 def _key_columns(comparison: Comparison) -> list[Column]:
