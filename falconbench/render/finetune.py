@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rich.table import Table
-
-from ..finetune import FinetuneRow
+from ..finetune import FinetuneRow, phase_peak_bytes
+from ..finetune_results import PHASE_NAMES
 from ..finetune_fit import FinetuneFitResult, FinetuneFitRow
-from .console import format_bytes, to_csv, to_json, to_markdown
+from .console import Col, Grid, format_bytes, to_csv, to_json, to_markdown
 
 # (header, FinetuneRow field) per component, in the order a step allocates them.
 COMPONENTS = (("Frozen weights", "frozen_weights_bytes"), ("Trainable", "trainable_bytes"),
@@ -29,26 +28,25 @@ def _plan_lines(rows: Sequence[FinetuneRow]) -> list[list[str]]:
     lines = [["Trainable params"] + [f"{r.trainable_params:,}" for r in rows]]
     lines += [[header] + [format_bytes(getattr(r, name)) for r in rows] for header, name in COMPONENTS]
     lines.append(["Total"] + [format_bytes(r.total_bytes) for r in rows])
+    peaks = [phase_peak_bytes(r.as_dict()) for r in rows]
+    for phase in ("forward", "optimizer"):  # backward's is the total
+        lines.append([f"Peak: {PHASE_NAMES[phase]}"] + [format_bytes(p[phase]) for p in peaks])
     lines.append(["Adapter on disk"] + [format_bytes(r.adapter_bytes) if r.adapter_bytes is not None else "-"
                                         for r in rows])
     return lines
 
 
-def plan_table(rows: Sequence[FinetuneRow]) -> Table:
-    table = Table(title="falconbench plan --task finetune", title_justify="left", caption_justify="left",
-                  caption=PLAN_CAPTION)
-    table.add_column("Component")
-    for row in rows:
-        table.add_column(_column(row), justify="right")
-    for line in _plan_lines(rows):
-        table.add_row(*line)
-    return table
+def plan_table(rows: Sequence[FinetuneRow]) -> Grid:
+    """Components as lines, one column per setup; setups that do not fit the terminal continue in a second table."""
+    columns = [Col("Component")] + [Col(_column(row), right=True) for row in rows]
+    return Grid(columns, _plan_lines(rows), title="falconbench plan --task finetune", caption=PLAN_CAPTION)
 
 
 PLAN_CAPTION = ("Weights, trainable parameters, gradients, optimizer state and 16-bit copies are exact; *activations "
                 "saved for backward (Korthikanti et al. 2022, term by term), the layer a checkpointed backward "
                 "recomputes, the logits around the loss and the CUDA context are estimates. Total: all alive at the "
-                "start of backward. Adapter: its tensor bytes on disk (the safetensors file adds its header).")
+                "start of backward, the step's peak; the forward's and the optimizer step's peaks: what is alive "
+                "then. Adapter: its tensor bytes on disk (the safetensors file adds its header).")
 
 
 def plan_markdown(rows: Sequence[FinetuneRow]) -> str:
@@ -74,21 +72,20 @@ def fit_cell(row: FinetuneFitRow) -> str:
     return "\n".join(lines)
 
 
-def fit_table(result: FinetuneFitResult) -> Table:
+def fit_table(result: FinetuneFitResult) -> Grid:
+    """Cards as rows, setups as columns."""
     setups = list(dict.fromkeys((r.method, r.dtype, r.seq_len, r.batch) for r in result.rows))
     first = result.rows[0].plan
     title = (f"falconbench fit --task finetune: {result.model} · r={first.lora_r or '-'} · {first.optimizer}"
              + (" · gradient checkpointing" if first.gradient_checkpointing else ""))
-    table = Table(title=title, title_justify="left", caption_justify="left", show_lines=True,
-                  caption=f"Each card keeps {result.rows[0].margin:.0%} free. {BOUND_CAPTION}")
-    table.add_column("GPU")
+    columns = [Col("GPU")]
     for method, dtype, seq_len, batch in setups:
         row = next(r for r in result.rows if (r.method, r.dtype, r.seq_len, r.batch) == (method, dtype, seq_len, batch))
-        table.add_column(f"{method} {dtype}\nseq {seq_len:,} × {batch}\n{format_bytes(row.total_bytes)}")
-    for gpu in dict.fromkeys(r.gpu for r in result.rows):
-        cells = [fit_cell(r) + (" ★" if r.recommended else "") for r in result.rows if r.gpu == gpu]
-        table.add_row(gpu, *cells)
-    return table
+        columns.append(Col(f"{method} {dtype}\nseq {seq_len:,} × {batch}\n{format_bytes(row.total_bytes)}"))
+    body = [[gpu] + [fit_cell(r) + (" ★" if r.recommended else "") for r in result.rows if r.gpu == gpu]
+            for gpu in dict.fromkeys(r.gpu for r in result.rows)]
+    return Grid(columns, body, title=title, show_lines=True,
+                caption=f"Each card keeps {result.rows[0].margin:.0%} free. {BOUND_CAPTION}")
 
 
 BOUND_CAPTION = ("tok/s: the lower of two bounds, and which one limits: compute (the card's dense bf16/fp16 "
