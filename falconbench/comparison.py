@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .gpus import GPU
 from .results import STATUSES, RunResult, as_float, as_mapping
+
+if TYPE_CHECKING:
+    from .finetune_results import FinetuneResult
 
 # With this many samples (decode steps, say) the extremes are outliers: show p10-p90 instead of min-max.
 SAMPLES_FOR_PERCENTILES = 10
@@ -152,6 +155,7 @@ class RunInfo:
     problems: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict, compare=False)  # the first row's, shared by the run
     environment: dict[str, Any] = field(default_factory=dict, compare=False)
+    finetune_rows: int = 0  # fine-tuning setups shown (their own tables)
 
 
 @dataclass(frozen=True)
@@ -200,9 +204,10 @@ class Comparison:
     point_curves: tuple[PointCurve, ...] = ()
     capacity_gpus: tuple[GPU, ...] = ()
     notes: tuple[str, ...] = ()
+    finetune: tuple["FinetuneResult", ...] = ()  # the fine-tuning rows, in their own tables and plot
 
     def __post_init__(self):
-        if not self.rows:
+        if not self.rows and not self.finetune:
             raise ValueError("a comparison needs at least one row")
 
     @property

@@ -19,7 +19,7 @@ What each method is, as `falconbench run --task finetune` runs it:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from . import activations
 from .errors import UsageError
@@ -265,7 +265,28 @@ class FinetuneRow:
         row["lora_targets"] = list(self.lora_targets)
         row["warnings"] = list(self.warnings)
         row["total_bytes"] = self.total_bytes
+        row["phase_peak_bytes"] = phase_peak_bytes(row)
         return row
+
+
+# A training step's phases, in the order they run (train/measure.py tracks each one's peak).
+PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
+# What is alive at each phase's peak, by FinetuneRow field: the forward ends holding the weights, the optimizer
+# state kept from the last step, the saved activations and the logits around the loss; backward starts with all
+# of it plus the logits' gradient and fills the gradients (the plan's total); the optimizer step holds weights,
+# gradients and state once the saved tensors are freed.
+PHASE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "forward": ("frozen_weights_bytes", "trainable_bytes", "weight_copy_bytes", "optimizer_bytes", "activation_bytes",
+                "logits_bytes", "cuda_context_bytes"),
+    "backward": FinetuneRow.EXACT + FinetuneRow.ESTIMATED,
+    "optimizer": ("frozen_weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes",
+                  "cuda_context_bytes"),
+}
+
+
+def phase_peak_bytes(components: Mapping[str, int]) -> dict[str, int]:
+    """The planned peak of each phase: the sum of the components PHASE_COMPONENTS says are alive then."""
+    return {phase: sum(components[name] for name in names) for phase, names in PHASE_COMPONENTS.items()}
 
 
 def plan_finetune_point(spec: ArchSpec, setup: FinetuneSetup, device: str = "cuda") -> FinetuneRow:

@@ -1,8 +1,10 @@
 """`falconbench fit --task finetune`: which card each fine-tuning method needs, the longest sequence and the largest
-micro-batch per card, and a bound on training tokens/s, from the fine-tuning plan's bytes.
+micro-batch per card, and a bound on training tokens/s, from the fine-tuning plan's bytes and FLOPs.
 
 The question per card is the planner's inequality (`planner.fits_on`): the plan's total (weights, trainable
 parameters, gradients, optimizer state, saved activations, logits, CUDA context) ≤ memory × (1 − margin).
+The tokens/s bound is the lower of two ceilings: the card's compute peak over a step's FLOPs per token, and its
+memory bandwidth over the bytes a step moves per token. Training is usually compute-bound.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from .fit import check_margin, largest_fitting, usable_bytes
 from .gpus import GPU, dtype_support, get_gpu, gpu_profiles
 from .planner import SAFETY_MARGIN, fits_on
 from .sources import resolve_model
-from .spec import ArchSpec
+from .schemes import get_scheme
+from .spec import ArchSpec, Linear
 
 # Passes over the weights per training step: forward, and backward (the input gradients read every weight
 # again); a checkpointed backward recomputes the forward first.
@@ -45,7 +48,11 @@ class FinetuneFitRow:
     max_batch: int  # at this sequence length
     dtype_supported: bool  # the card computes the dtype natively (gpus.dtype_support): bf16 needs Ampere or newer
     suggestion: str | None  # what to use instead where it does not
-    tokens_per_second_bound: float
+    tokens_per_second_bound: float  # the lower of the compute and the bandwidth bound
+    limited_by: str  # "compute" or "bandwidth": which bound is the lower
+    compute_tokens_per_second_bound: float
+    bandwidth_tokens_per_second_bound: float
+    flops_per_token: int
     plan: FinetuneRow
     task: str = "finetune"
     recommended: bool = False
@@ -56,10 +63,9 @@ class FinetuneFitRow:
         return row
 
 
-def tokens_per_second_bound(row: FinetuneRow, gpu: GPU) -> float:
+def bandwidth_tokens_per_second_bound(row: FinetuneRow, gpu: GPU) -> float:
     """A memory-bandwidth bound: each step moves the weights WEIGHT_PASSES times and the trainable state through
-    the optimizer, for seq_len × batch tokens. Compute (about 6 FLOPs per parameter per token for full
-    fine-tuning) is usually the tighter limit; the GPU profiles carry bandwidth, not FLOPs."""
+    the optimizer, for seq_len × batch tokens."""
     passes = WEIGHT_PASSES_CHECKPOINTED if row.gradient_checkpointing else WEIGHT_PASSES
     weights = row.frozen_weights_bytes + row.trainable_bytes + row.weight_copy_bytes
     step_bytes = passes * weights + OPTIMIZER_PASSES * (row.trainable_bytes + row.gradient_bytes
@@ -67,9 +73,42 @@ def tokens_per_second_bound(row: FinetuneRow, gpu: GPU) -> float:
     return gpu.bandwidth_bytes_per_second * row.seq_len * row.batch / step_bytes
 
 
+def training_flops_per_token(spec: ArchSpec, row: FinetuneRow) -> int:
+    """Matmul FLOPs of one training step per token, 2 per multiply-add (Kaplan et al. 2020, "Scaling Laws for Neural
+    Language Models", §2.1 and Table 1: C ≈ 6N per token, forward 2N and backward 4N).
+
+    N is the matmul weights on the path: every decoder linear, the head, and the LoRA adapters. Backward computes
+    the inputs' gradients through every one of them (2N) and the weights' gradients only for those that train
+    (2N for full fine-tuning, 2·N_lora for lora and qlora, whose frozen base needs no weight gradients), so full
+    fine-tuning is 6N and LoRA about 4N. Attention's QKᵀ and AV add 2·s·d_attn per layer per token in the forward
+    (the causal half: s/2 keys on average) and twice that in backward. Gradient checkpointing runs each layer's
+    forward once more in backward (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", §5: 8N instead of 6N with full recomputation); the head is not recomputed. Dequantizing
+    4-bit weights, norms and the softmax are left out, so the bound is generous.
+    """
+    layer_weights = spec.num_layers * sum(lin.in_features * lin.out_features for lin in spec.layer_linears)
+    head = spec.lm_head or Linear("lm_head", spec.hidden_size, spec.vocab_size)  # a tied head multiplies too
+    adapters = row.trainable_params if row.method != "full" else 0
+    path = layer_weights + head.in_features * head.out_features + adapters
+    attention = spec.num_layers * row.seq_len * spec.num_heads * spec.head_dim  # multiply-adds per token (causal)
+    forward = 2 * path + 2 * attention
+    backward = 2 * path + 4 * attention + 2 * (path if row.method == "full" else adapters)
+    recompute = 2 * (layer_weights + adapters) + 2 * attention if row.gradient_checkpointing else 0
+    return forward + backward + recompute
+
+
+def compute_tokens_per_second_bound(spec: ArchSpec, row: FinetuneRow, gpu: GPU) -> float:
+    """The card's datasheet dense peak for the step's matmul dtype over `training_flops_per_token`: qlora and a
+    16-bit lora or full fine-tune compute in bf16/fp16; an fp32 one in fp32 (torch uses no TF32 by default)."""
+    width = 2 if row.method == "qlora" else get_scheme(row.dtype).float_bytes
+    return gpu.flops_per_second(width) / training_flops_per_token(spec, row)
+
+
 def fit_finetune_row(spec: ArchSpec, setup: FinetuneSetup, gpu: GPU, margin: float) -> FinetuneFitRow:
     plan = plan_finetune_point(spec, setup)
     supported, suggestion = dtype_support(gpu, setup.scheme)
+    compute = compute_tokens_per_second_bound(spec, plan, gpu)
+    bandwidth = bandwidth_tokens_per_second_bound(plan, gpu)
 
     def fits(seq_len: int, batch: int) -> bool:
         return fits_on(plan_finetune_point(spec, replace(setup, seq_len=seq_len, batch=batch)).total_bytes, gpu,
@@ -82,8 +121,9 @@ def fit_finetune_row(spec: ArchSpec, setup: FinetuneSetup, gpu: GPU, margin: flo
         headroom_bytes=usable_bytes(gpu, margin) - plan.total_bytes,
         max_seq_len=largest_fitting(lambda s: fits(s, setup.batch)),
         max_batch=largest_fitting(lambda b: fits(setup.seq_len, b)),
-        dtype_supported=supported, suggestion=suggestion, tokens_per_second_bound=tokens_per_second_bound(plan, gpu),
-        plan=plan,
+        dtype_supported=supported, suggestion=suggestion, tokens_per_second_bound=min(compute, bandwidth),
+        limited_by="compute" if compute <= bandwidth else "bandwidth", compute_tokens_per_second_bound=compute,
+        bandwidth_tokens_per_second_bound=bandwidth, flops_per_token=training_flops_per_token(spec, plan), plan=plan,
     )
 
 

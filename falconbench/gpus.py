@@ -1,4 +1,4 @@
-"""GPU profiles: memory as the card reports it, bandwidth, and bf16 support."""
+"""GPU profiles: memory as the card reports it, bandwidth, compute peaks and bf16 support."""
 
 from __future__ import annotations
 
@@ -25,18 +25,26 @@ class GPU:
     bandwidth_bytes_per_second: float  # datasheet peak
     bf16: bool
     arch: str = ""
+    flops_16bit_per_second: float = 0.0  # datasheet dense tensor peak: bf16, or fp16 where the card lacks bf16
+    flops_fp32_per_second: float = 0.0  # datasheet non-tensor FP32 peak
 
     def __post_init__(self):
         if self.memory_bytes <= 0 or self.bandwidth_bytes_per_second <= 0:
             raise ValueError(f"GPU {self.name}: memory and bandwidth must be positive")
+        if self.flops_16bit_per_second < 0 or self.flops_fp32_per_second < 0:
+            raise ValueError(f"GPU {self.name}: compute peaks must not be negative")
+
+    def flops_per_second(self, float_bytes: int) -> float:
+        """The compute peak for matmuls whose operands are `float_bytes` wide (2: bf16/fp16, 4: fp32)."""
+        return self.flops_fp32_per_second if float_bytes == 4 else self.flops_16bit_per_second
 
 
 @lru_cache(maxsize=1)
 def gpu_profiles() -> tuple[GPU, ...]:
     """All bundled GPUs, smallest memory first."""
     data = json.loads((profiles_dir() / "gpus.json").read_text())
-    gpus = (GPU(g["name"], g["memory_mib"] * MIB, g["bandwidth_gbps"] * 1e9, g["bf16"], g.get("arch", ""))
-            for g in data["gpus"])
+    gpus = (GPU(g["name"], g["memory_mib"] * MIB, g["bandwidth_gbps"] * 1e9, g["bf16"], g.get("arch", ""),
+                g["tflops_16bit"] * 1e12, g["tflops_fp32"] * 1e12) for g in data["gpus"])
     return tuple(sorted(gpus, key=lambda g: (g.memory_bytes, g.name)))
 
 

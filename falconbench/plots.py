@@ -10,6 +10,7 @@ import io
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .comparison import Spread
+from .plots_finetune import finetune_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,7 +41,9 @@ def draw_plots(comparison: "Comparison") -> tuple[dict[str, bytes], tuple[str, .
     for name, draw, why in PLOTS:
         figure = draw(comparison)
         if figure is None:
-            if why:  # a plot of the matrix is no loss to a run of one shape per scheme: no note for it
+            # a plot of the matrix is no loss to a run of one shape per scheme, nor an inference plot to a run
+            # of fine-tuning alone: no note for those
+            if why and comparison.rows:
                 notes.append(f"{name} skipped: {why}")
         else:
             images[name] = png_bytes(figure)
@@ -402,5 +405,6 @@ PLOTS: tuple[tuple[str, Callable[["Comparison"], "Figure | None"], str], ...] = 
     ("context.png", context_figure, "the planner could not resolve the runs' model"),
     ("matrix-memory.png", matrix_memory_figure, ""),  # drawn when a load measured two or more contexts
     ("scaling.png", scaling_figure, ""),  # drawn for two or more prompt lengths or batch sizes
+    ("finetune.png", finetune_figure, ""),  # drawn for fine-tuning rows
 )
 PLOT_FILES = tuple(name for name, _, _ in PLOTS)

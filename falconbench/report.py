@@ -16,7 +16,8 @@ from .comparison import Comparison, ContextCurve, PointCurve, RunInfo, SchemeRow
 from .errors import FalconbenchError, ResultsError
 from .gpus import GPU, gpu_profiles
 from .plots import PLOT_FILES
-from .results import RESULTS_FILE, RunResult, as_mapping, environment_name, latest_rows, read_results, write_atomic
+from .results import (RESULTS_FILE, RunResult, as_mapping, environment_name, latest_rows, read_finetune_rows,
+                      read_results, write_atomic)
 
 REPORT_FILES = ("report.md", "report.csv", "report.html")
 # GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
@@ -45,7 +46,8 @@ class ReportResult:
 
 
 def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
-    """Read each run's results (the last row of each configuration) into one Comparison; raise when none is valid."""
+    """Read each run's results (the last row of each configuration, inference and fine-tuning) into one
+    Comparison; raise when none is valid."""
     if not run_dirs:
         raise ResultsError("no run folder given. Pass the folder that `falconbench run` wrote")
     paths = [Path(d) for d in run_dirs]
@@ -53,34 +55,60 @@ def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
     for path, name in zip(paths, _run_names(paths)):
         results, problems = read_results(path)
         runs.append((name, str(path), _run_folder(path), latest_rows(results),
-                     [f"invalid row skipped: {p}" for p in problems]))
+                     [f"invalid row skipped: {p}" for p in problems], read_finetune_rows(path)))
     return comparison_of(runs)
 
 
-RunRows = tuple  # (name, label of its folder, folder, rows, problem lines)
+RunRows = tuple  # (name, label of its folder, folder, rows, problem lines[, fine-tuning rows as dicts])
+
+
+def finetune_comparison(folder: str | os.PathLike, rows: Sequence[dict]) -> Comparison:
+    """The Comparison of one sweep's fine-tuning rows alone, named by its folder as `report` names it: what
+    `run --task finetune` prints."""
+    return comparison_of([(_run_names([Path(folder)])[0], str(folder), Path(folder), [], [], rows)])
 
 
 def comparison_of(runs: Sequence[RunRows]) -> Comparison:
     """One Comparison of runs given as their rows (read from files, or straight from a sweep)."""
-    infos, rows = [], []
-    for name, label, folder, results, lines in runs:
+    infos, rows, finetune = [], [], []
+    for name, label, folder, results, lines, *more in runs:
         lines = list(lines)
         shown = in_matrix_order(_scheme_rows(name, results, Path(folder), lines))
-        if not shown:
+        tuned = _finetune_results(name, more[0] if more else (), Path(folder), lines)
+        if not shown and not tuned:
             lines.append(f"{_results_path(Path(folder))}: no valid row")
-        device = _device_name(results)
+        device = _device_name(results) or next((n for n in (environment_name(t.environment) for t in tuned) if n),
+                                               tuned[0].device if tuned else "")
         first = results[0] if results else None
         infos.append(RunInfo(name, f"{name} ({device})" if device else name, label, device, len(shown),
                              tuple(lines), as_mapping(first.settings) if first else {},
-                             as_mapping(first.environment) if first else {}))
+                             as_mapping(first.environment) if first else {}, finetune_rows=len(tuned)))
         rows += shown
-    if not rows:
+        finetune += tuned
+    if not rows and not finetune:
         detail = "; ".join(p for run in infos for p in run.problems)
         raise ResultsError(f"no valid results row in {', '.join(run[1] for run in runs)} ({detail}). Pass the "
                            "folder of a run that finished at least one configuration, or rerun `falconbench run`")
     curves, notes = context_curves(rows)
     return Comparison(tuple(infos), tuple(rows), curves, point_curves(rows),
-                      capacity_gpus([r.device_name for r in infos]), notes)
+                      capacity_gpus([r.device_name for r in infos]) if rows else (), notes, tuple(finetune))
+
+
+def _finetune_results(name: str, rows: Sequence[dict], folder: Path, lines: list[str]) -> list:
+    """The fine-tuning rows of one run, the last of each setup (by config_hash) in first-seen order; a row that
+    cannot be shown is a line in `lines`."""
+    from .finetune_results import finetune_result
+
+    latest: dict[str, dict] = {}
+    for row in rows:
+        latest[str(row.get("config_hash") or len(latest))] = row
+    results = []
+    for row in latest.values():
+        try:
+            results.append(finetune_result(name, row))
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            lines.append(f"invalid fine-tuning row skipped: {folder / RESULTS_FILE}: {row.get('model')}: {exc}")
+    return results
 
 
 def _scheme_rows(name: str, results: Sequence[RunResult], folder: Path, lines: list[str]) -> list[SchemeRow]:

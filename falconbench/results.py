@@ -248,6 +248,28 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
     return rows, problems
 
 
+FINETUNE_TASK = "finetune"
+
+
+def read_finetune_rows(path: Path) -> list[dict[str, Any]]:
+    """The fine-tuning rows (`"task": "finetune"`) of a results.jsonl, as dicts in file order; a folder without
+    the file has none. Lines that are not valid JSON are `read_results`' to report."""
+    path = Path(path)
+    path = path / RESULTS_FILE if path.is_dir() else path
+    if not path.is_file():
+        return []
+    rows = []
+    with open_regular(path, f"Pass a run folder or its {RESULTS_FILE}") as handle:
+        for line in bounded_lines(handle):
+            try:
+                data = json.loads(line.decode("utf-8", errors="replace")) if line and line.strip() else None
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            if isinstance(data, dict) and data.get("task") == FINETUNE_TASK:
+                rows.append(data)
+    return rows
+
+
 def open_regular(path: Path, how_to_fix: str):
     """`path` opened for binary reading, refused unless it is a regular file: a FIFO would block the reader and
     a device such as /dev/zero never ends. O_NONBLOCK only keeps opening a FIFO from waiting for a writer."""

@@ -134,7 +134,7 @@ def test_run_refuses_bad_shared_values_before_any_work(invoke, captured_run, arg
     assert result.exit_code == 2 and message in result.output and not captured_run, result.output
 
 
-@pytest.mark.parametrize("fmt, first_line", [("csv", "run,model,dtype"), ("markdown", "# ")])
+@pytest.mark.parametrize("fmt, first_line", [("csv", "task,run,model,dtype"), ("markdown", "# ")])
 def test_run_formats_csv_and_markdown_are_the_reports_tables(fmt, first_line):
     from types import SimpleNamespace
 

@@ -80,6 +80,32 @@ def test_the_offload_report_shown_is_what_report_prints_for_its_rows():
     assert split.memory["placement"]["layers"] == {"cpu": 8, "disk": 22}
 
 
+def test_the_fine_tuning_view_shown_is_what_report_prints_for_the_recorded_rows(tmp_path):
+    """The README's fine-tuning report blocks are what `falconbench report tests/data/smollm2-finetune` prints at the
+    README's width (and so what `run --task finetune` printed: one view): the start, then its last setup's table and
+    the caption."""
+    command = "falconbench report tests/data/smollm2-finetune"
+    env = {**os.environ, "COLUMNS": str(readme.WIDTH), "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "falconbench", *command.split()[1:], "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, env=env, check=True).stdout
+    printed = readme.strip_trailing(out)
+    assert printed.startswith(readme.console_output(command))
+    last = next(body for body in readme.blocks("console") if body.startswith("Fine-tuning memory: smollm2 · full"))
+    assert printed.endswith(last)
+
+
+def test_the_fine_tuning_fit_shown_is_what_fit_prints_for_the_source_post_s_setups():
+    env = {**os.environ, "COLUMNS": str(readme.WIDTH), "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
+    shown = next(body for body in readme.blocks("console") if body.startswith("$ falconbench fit --task finetune"))
+    commands = shown.split("$ falconbench ")[1:]
+    assert [c.split()[4] for c in commands] == ["falcon-7b", "falcon-40b"]
+    for block in commands:
+        line, _, expected = block.partition("\n")
+        fit = subprocess.run([sys.executable, "-m", "falconbench", *line.split()], cwd=ROOT, capture_output=True,
+                             text=True, env=env, check=True).stdout
+        assert readme.strip_trailing(fit) == expected
+
+
 @pytest.mark.slow
 def test_the_python_api_example_prints_what_the_readme_shows(tmp_path, smollm2_dir):
     code, expected = readme.python_example()

@@ -9,6 +9,9 @@ from rich.console import Console
 from rich.text import Text
 
 from falconbench import api
+from falconbench.finetune import FinetuneSetup, plan_finetune
+from falconbench.finetune_fit import fit_finetune
+from falconbench.render import finetune as finetune_render
 from falconbench.render import fit as fit_render
 from falconbench.render import models as models_render
 from falconbench.render import plan as plan_render
@@ -20,6 +23,15 @@ from falconbench.zoo import list_models
 WIDTHS = (80, 100, 200)
 RECORDED = Path(__file__).parent / "data" / "smollm2-cpu"
 MATRIX = Path(__file__).parent / "data" / "smollm2-matrix"
+FINETUNE = Path(__file__).parent / "data" / "smollm2-finetune"
+
+
+def both():
+    """The recorded inference run and the recorded fine-tuning run as one run folder would hold them."""
+    from falconbench.report import comparison_of
+    from falconbench.results import read_finetune_rows, read_results
+
+    return comparison_of([("both", "both", RECORDED, read_results(RECORDED)[0], [], read_finetune_rows(FINETUNE))])
 
 
 def grids() -> dict[str, list[Grid]]:
@@ -32,8 +44,16 @@ def grids() -> dict[str, list[Grid]]:
         "fit calibrated-like headers": fit_render.fit_tables(api.fit("falcon-180b", dtypes=["bf16", "fp16", "int8",
                                                                                            "nf4", "fp4"])),
         "models": [models_render.models_table(list_models())],
+        "plan --task finetune": [finetune_render.plan_table(plan_finetune(
+            ["falcon-7b", "falcon-40b"], [FinetuneSetup(m, seq_len=s, gradient_checkpointing=True)
+                                          for m in ("lora", "qlora", "full") for s in (512, 2048)]))],
+        "fit --task finetune": [finetune_render.fit_table(fit_finetune(
+            "falcon-40b", [FinetuneSetup(m, seq_len=512) for m in ("qlora", "lora", "full")]))],
         "report (run prints the same)": report_render.report_tables(load_comparison([RECORDED])),
         "report of a matrix": report_render.report_tables(load_comparison([MATRIX])),
+        "report of fine-tuning (run --task finetune prints the same)":
+            report_render.report_tables(load_comparison([FINETUNE])),
+        "report of inference and fine-tuning": report_render.report_tables(both()),
     }
 
 

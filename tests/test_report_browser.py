@@ -18,6 +18,7 @@ from falconbench.report import write_report
 DATA = Path(__file__).parent / "data"
 RECORDED = DATA / "smollm2-cpu"
 MATRIX = DATA / "smollm2-matrix"  # a recorded run matrix (schemes × prompt × batch) on SmolLM2, CPU
+FINETUNE = DATA / "smollm2-finetune"  # a recorded `run --task finetune` (lora, qlora, full) on SmolLM2, CPU
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium installed (apt-get install chromium)")
 
@@ -92,6 +93,27 @@ def test_a_matrix_report_shows_measured_points_over_the_planned_curve(tmp_path):
     assert seen["loaded"] == seen["images"] == len(list(folder.glob("*.png")))
     assert PLOT_TITLES["matrix-memory.png"] in seen["loadedAlts"]
     assert PLOT_TITLES["scaling.png"] in seen["loadedAlts"]
+    assert seen["problems"] == [] and console_errors(stderr) == []
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["fine-tuning alone", "beside inference"])
+def test_a_fine_tuning_report_shows_its_plot_with_the_others(tmp_path, inference):
+    from falconbench.render.report import PLOT_TITLES
+    from falconbench.render.rows import table_cells
+    from falconbench.report import load_comparison
+
+    folder = tmp_path / "ft"
+    shutil.copytree(RECORDED if inference else FINETUNE, folder)
+    if inference:
+        with open(folder / "results.jsonl", "a") as handle:
+            handle.write((FINETUNE / "results.jsonl").read_text())
+    write_report([folder])
+    seen, stderr = probe(folder / "report.html", tmp_path)
+    assert seen["loaded"] == seen["images"] == len(list(folder.glob("*.png"))) >= (4 if inference else 1)
+    assert PLOT_TITLES["finetune.png"] in seen["loadedAlts"]
+    assert (PLOT_TITLES["memory.png"] in seen["loadedAlts"]) == inference
+    inference_tables = len(table_cells(load_comparison([RECORDED]))) if inference else 0
+    assert seen["tables"] == 14 + inference_tables  # the steps, the Δplan overview, a component table per setup
     assert seen["problems"] == [] and console_errors(stderr) == []
 
 

@@ -148,7 +148,7 @@ def test_run_prints_csv_and_markdown(matrix, tiny_llama_config, tmp_path):
     shutil.copytree(folder, copy)
     args = ["-m", tiny_llama_config, "--random-weights", *MATRIX, "-o", copy, "--resume"]
     csv_text = run(*args, "--format", "csv").stdout  # every point done: nothing runs, the rows print
-    assert csv_text.splitlines()[0].startswith("run,model,dtype,status,error,attn,prompt_tokens,new_tokens,batch")
+    assert csv_text.splitlines()[0].startswith("task,run,model,dtype,status,error,attn,prompt_tokens,new_tokens,batch")
     assert len(csv_text.splitlines()) == 1 + 8
     markdown = run(*args, "--format", "markdown").stdout
     assert "| Dtype | Attn | Prompt | Batch | Status | Weights |" in markdown

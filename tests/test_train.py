@@ -61,32 +61,59 @@ def test_eight_bit_optimizer_state_matches_the_plan(tiny_llama_dir):
     assert fields["optimizer_bytes"] == plan.optimizer_bytes
 
 
-def test_run_task_finetune_writes_rows_beside_inference_and_resumes(tiny_falcon_dir, tmp_path, monkeypatch):
+def test_run_task_finetune_prints_the_report_s_view_writes_rows_and_resumes(tiny_falcon_dir, tmp_path, monkeypatch):
     from falconbench.cli import cli
     from falconbench.results import read_results
 
     monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "80")
     reset_consoles()
     args = ["run", "--task", "finetune", "-m", str(tiny_falcon_dir), "--method", "lora", "--seq-len", "32",
-            "--device", "cpu", "--repeats", "2", "--warmup", "1", "-o", str(tmp_path), "-f", "json"]
+            "--device", "cpu", "--repeats", "2", "--warmup", "1", "-o", str(tmp_path)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    reset_consoles()
+    report = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert report.exit_code == 0, report.output
+    assert result.stdout == report.stdout  # one view: run prints exactly the tables report prints of its rows
+    assert "Fine-tuning steps" in result.stdout and "Peak: backward" in result.stdout
+    memory = result.stdout[result.stdout.index("Fine-tuning memory:"):]
+    for component in ("Trainable params", "Gradients", "Optimizer states"):
+        line = next(line for line in memory.splitlines() if line.strip().startswith(component))
+        assert line.rstrip().endswith("exact"), line
+    assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = CliRunner().invoke(cli, args + ["--resume", "-f", "json"])  # nothing left to measure
+    assert resumed.exit_code == 0 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    rows = json.loads(resumed.stdout)
     assert len(rows) == 1 and rows[0]["task"] == "finetune" and rows[0]["status"] == "ok", rows
     measured, plan = rows[0]["measured"], rows[0]["planned"]
     assert measured["trainable_params"] == plan["trainable_params"] and len(measured["step_seconds"]) == 2
     assert measured["peak_memory_bytes"] > 0 and set(measured["memory"]["phases"]) == {"forward", "backward",
                                                                                          "optimizer"}
-    assert read_results(tmp_path) == ([], [])  # the inference reader leaves fine-tuning rows alone
-    from falconbench.render.finetune import run_markdown
-
-    header, _, line = run_markdown(rows).splitlines()
-    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
-    for component in ("Trainable", "Gradients", "Optimizer", "Adapter"):
-        assert cells[component].endswith("(exact)"), cells
-    again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 2 and "--resume" in again.output
-    resumed = CliRunner().invoke(cli, args + ["--resume"])
-    assert resumed.exit_code == 0 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
     reset_consoles()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gpt2_conv1d_trains_with_fan_in_fan_out_as_peft_wants_it(tmp_path, method):
+    """GPT-2 keeps its linears as transformers' Conv1D (in × out): LoRA adapts them with fan_in_fan_out=True, which
+    the measuring path sets itself, so peft has nothing to correct (it would warn); a 4-bit base has none left."""
+    import warnings
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=256)).save_pretrained(
+        tmp_path / "gpt2")
+    setup = FinetuneSetup(method, seq_len=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fields = measure(tmp_path / "gpt2", setup, tmp_path / "adapter")
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is (method == "lora") and saved["target_modules"] == ["c_attn"]
+    plan = planned(tmp_path / "gpt2", setup)
+    assert fields["trainable_params"] == plan.trainable_params and fields["adapter_bytes"] == plan.adapter_bytes
+    assert fields["losses"][-1] < fields["losses"][0]

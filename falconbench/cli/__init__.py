@@ -80,7 +80,8 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="falconbench")
 def cli():
-    """falconbench: plan and measure the GPU memory, speed and quality of Falcon-class LLMs.
+    """falconbench: plan and measure the GPU memory, speed and quality of Falcon-class LLMs, for inference and
+    for fine-tuning (--task finetune on plan, fit and run).
 
     \b
     Start with:
@@ -89,6 +90,12 @@ def cli():
       falconbench fit -m falcon-7b --context 8192
       falconbench run -m smollm2 --device cpu  # measure a real model: bf16, fp16, int8, nf4
       falconbench report reports/<run folder>
+
+    \b
+    Fine-tuning (LoRA, QLoRA, full):
+      falconbench plan --task finetune -m falcon-7b --method lora,qlora,full --seq-len 512
+      falconbench fit --task finetune -m falcon-7b --method qlora --gradient-checkpointing -g T4
+      falconbench run --task finetune -m smollm2 --method lora,full --seq-len 128 --device cpu
     """
 
 

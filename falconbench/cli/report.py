@@ -17,12 +17,15 @@ def report_command(run_dirs, out_dir):
 
     Reads DIR/results.jsonl (as `falconbench run` writes it), prints the memory, speed and quality tables,
     and writes report.md, report.csv, report.html (one self-contained page) and PNG plots: memory, latency,
-    quality, and the planner's memory against context length. Invalid lines are listed, never fatal.
+    quality, and the planner's memory against context length. Fine-tuning rows (`run --task finetune`) get their
+    own tables (planned beside measured, per component and per phase) and plot. Invalid lines are listed, never
+    fatal.
 
     \b
     Examples:
       falconbench report runs/a100
       falconbench report runs/a100 runs/h100 --out runs/compare
+      falconbench report runs/smollm2-finetune
     """
     from ..render import report as render
     from ..report import write_report

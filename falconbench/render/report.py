@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..comparison import Comparison, SchemeRow
 from .console import to_csv, to_markdown
+from .finetune_rows import FINETUNE_CSV_FIELDS, finetune_caption_lines, finetune_cells, finetune_csv_row
 from .rows import TableCells, caption_lines, settings_lines, table_cells
 
 PLOT_TITLES = {
@@ -22,12 +23,18 @@ PLOT_TITLES = {
     "context.png": "Planned memory against context length, with GPU capacities",
     "matrix-memory.png": "Measured peak at each point over the planned total, against context, by scheme",
     "scaling.png": "Latency and throughput against context and batch",
+    "finetune.png": "Fine-tuning: memory per component planned against measured, and the loss over the steps",
 }
 
 
 def report_cells(comparison: Comparison) -> list[TableCells]:
-    """The report's tables as text (the one row view `run` prints too)."""
-    return table_cells(comparison)
+    """The report's tables as text (the one row view `run` prints too): inference, then fine-tuning."""
+    return table_cells(comparison) + finetune_cells(comparison)
+
+
+def report_caption_lines(comparison: Comparison) -> list[str]:
+    """The captions of the inference tables, then of the fine-tuning tables."""
+    return (caption_lines(comparison) if comparison.rows else []) + finetune_caption_lines(comparison)
 
 
 def report_tables(comparison: Comparison) -> list:
@@ -50,18 +57,22 @@ def print_comparison(comparison: Comparison) -> None:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     for table in report_tables(comparison):
         out.print(table)
-    for line in caption_lines(comparison):
+    for line in report_caption_lines(comparison):
         out.print(line, markup=False, highlight=False)
 
 
 def run_lines(comparison: Comparison) -> list[str]:
     """One line per run: its name, what it measured on, where it is."""
-    return [f"{run.name}: {run.device_name or 'unknown device'}, {run.rows} row(s) from {run.folder}"
+    def counts(run) -> str:
+        parts = [f"{run.rows} row(s)"] if run.rows or not run.finetune_rows else []
+        return ", ".join(parts + ([f"{run.finetune_rows} fine-tuning row(s)"] if run.finetune_rows else []))
+
+    return [f"{run.name}: {run.device_name or 'unknown device'}, {counts(run)} from {run.folder}"
             for run in comparison.runs]
 
 
 def caption(comparison: Comparison) -> str:
-    return "\n".join(caption_lines(comparison))
+    return "\n".join(report_caption_lines(comparison))
 
 
 def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems: Sequence[str] = ()) -> str:
@@ -73,7 +84,7 @@ def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems
         text += ["## Settings and machine", ""] + [f"- {line}" for line in settings] + [""]
     for cells in report_cells(comparison):
         text += [f"## {cells.title}", "", to_markdown(cells.headers, cells.body, cells.right)]
-    text += [line + "\n" for line in caption_lines(comparison)]
+    text += [line + "\n" for line in report_caption_lines(comparison)]
     text += [f"![{PLOT_TITLES.get(name, name)}]({name})\n" for name in images]
     if problems:
         text += ["## Problems and notes", ""] + [f"- {p}" for p in problems] + [""]
@@ -81,7 +92,7 @@ def report_markdown(comparison: Comparison, images: Sequence[str] = (), problems
 
 
 CSV_FIELDS = (
-    "run", "model", "dtype", "status", "error", "attn", "prompt_tokens", "new_tokens", "batch", "cached_tokens",
+    "task", "run", "model", "dtype", "status", "error", "attn", "prompt_tokens", "new_tokens", "batch", "cached_tokens",
     "weights_bytes", "planned_weights_bytes", "kv_cache_bytes", "planned_kv_cache_bytes", "peak_memory_bytes",
     "measured_runtime_bytes", "planned_runtime_bytes", "planned_total_bytes", "planned_activation_bytes",
     "planned_attention_scores_bytes", "planned_logits_bytes", "measured_prefill_runtime_bytes",
@@ -97,6 +108,7 @@ CSV_FIELDS = (
 
 def _csv_row(row: SchemeRow) -> dict:
     values = {name: getattr(row, name, None) for name in CSV_FIELDS}
+    values["task"] = "inference"
     spreads = {"ttft_seconds": row.ttft_spread, "decode_token_seconds": row.decode_token_spread,
                "decode_tokens_per_second": row.decode_spread}
     for name, spread in spreads.items():
@@ -107,8 +119,13 @@ def _csv_row(row: SchemeRow) -> dict:
 
 
 def report_csv(comparison: Comparison) -> str:
-    """report.csv: one line per configuration, raw units (bytes, seconds, fractions)."""
-    return to_csv([_csv_row(r) for r in comparison.rows], CSV_FIELDS)
+    """report.csv: one line per configuration, raw units (bytes, seconds, fractions); `task` tells inference
+    rows from fine-tuning rows, whose columns follow the inference ones'."""
+    fields = CSV_FIELDS if comparison.rows else ()
+    if comparison.finetune:
+        fields = ("task",) + tuple(f for f in fields + FINETUNE_CSV_FIELDS if f != "task")
+    rows = [_csv_row(r) for r in comparison.rows] + [finetune_csv_row(r) for r in comparison.finetune]
+    return to_csv(rows, fields)
 
 
 STYLE = """
@@ -139,7 +156,7 @@ def report_html(comparison: Comparison, images: Mapping[str, bytes], problems: S
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>falconbench report</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>'
             f"<body><h1>falconbench report</h1><ul>{runs}</ul>{tables}"
-            + "".join(f'<p class="caption">{esc(line)}</p>' for line in caption_lines(comparison))
+            + "".join(f'<p class="caption">{esc(line)}</p>' for line in report_caption_lines(comparison))
             + f"{problem_list}{figures}</body></html>\n")
 
 
@@ -147,13 +164,14 @@ def _html_table(cells: TableCells) -> str:
     from ..plots import scheme_color
 
     esc = html.escape
-    dtype_at = cells.headers.index("Dtype")
+    dtype_at = cells.headers.index("Dtype") if "Dtype" in cells.headers else None
     head = "".join(f"<th>{esc(h)}</th>" for h in cells.headers)
     rows = []
     for row, failed in zip(cells.body, cells.failed):
         tds = [f'<td class="num">{esc(c)}</td>' if right else f"<td>{esc(c)}</td>"
                for c, right in zip(row, cells.right)]
-        tds[dtype_at] = (f'<td><span class="swatch" style="background:{scheme_color(row[dtype_at])}"></span>'
-                         f"{esc(row[dtype_at])}</td>")
+        if dtype_at is not None:
+            tds[dtype_at] = (f'<td><span class="swatch" style="background:{scheme_color(row[dtype_at])}">'
+                             f"</span>{esc(row[dtype_at])}</td>")
         rows.append(("<tr class='failed'>" if failed else "<tr>") + "".join(tds) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"

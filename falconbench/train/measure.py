@@ -23,7 +23,6 @@ from ..run.footprint import bnb_state_tensors, tensor_bytes
 from .ledger import SavedTensorLedger
 
 LEARNING_RATE = 1e-3  # large enough that a few steps on one batch move the loss visibly
-PHASES = ("forward", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,18 @@ def prepare(model, setup: FinetuneSetup):
     if targets == ["all-linear"]:
         targets = "all-linear"
     config = LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=0.0, bias="none",
-                        target_modules=targets, task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(model))
     return get_peft_model(model, config)
+
+
+def uses_conv1d(model) -> bool:
+    """Whether the model's linears are transformers' Conv1D (GPT-2 style, weight stored in × out), which LoRA must
+    adapt with fan_in_fan_out=True (peft's LoraConfig docstring). NOTE: peft flips the flag itself, with a warning,
+    for a Conv1D target; saying it up front keeps the run's log clean. A 4-bit base has no Conv1D left (bitsandbytes
+    replaced them with Linear4bit, in nn.Linear's layout), so qlora stays at False, as peft expects there."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
 
 
 def make_optimizer(setup: FinetuneSetup, params: list):

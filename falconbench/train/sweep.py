@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
 from ..finetune import FinetuneSetup, plan_finetune_point
-from ..results import RESULTS_FILE, append_row
+from ..results import FINETUNE_TASK as TASK
+from ..results import RESULTS_FILE, append_row, read_finetune_rows
 from ..sources import resolve_model
 from .measure import StepSettings
 
-TASK = "finetune"
 OnRow = Callable[[dict[str, Any]], None]
 
 
@@ -34,21 +34,6 @@ class FinetuneOutcome:
 def config_hash(model_sha: str, setup: FinetuneSetup, settings: StepSettings) -> str:
     identity = {"task": TASK, "model": model_sha, "setup": asdict(setup), "steps": asdict(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_finetune_rows(path: Path) -> list[dict[str, Any]]:
-    """The fine-tuning rows of a results.jsonl (lines that are not valid JSON are the inference reader's to report)."""
-    path = Path(path)
-    path = path / RESULTS_FILE if path.is_dir() else path
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and data.get("task") == TASK:
-            rows.append(data)
-    return rows
 
 
 def run_finetune(model: str, setups: Sequence[FinetuneSetup], settings: StepSettings, output: Path | None = None,
