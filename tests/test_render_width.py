@@ -97,7 +97,7 @@ def test_the_seed_plan_at_80_columns_keeps_every_figure_and_folds_attn_and_gpu()
     out = render(plan_render.plan_table(api.plan()), 80)
     assert "Dtype: bf16 · Context: 2,048 · Batch: 1" in out  # the same in every row: said once
     assert "Attn · Smallest GPU" in out and "MQA (1 KV) · A10G" in out
-    assert "121.60 GiB" in out and "898.1 MiB" in out and "127.48 GiB" in out and "Not shown" not in out
+    assert "121.60 GiB" in out and "898.2 MiB" in out and "127.48 GiB" in out and "Not shown" not in out
 
 
 def test_at_200_columns_the_plan_is_one_table_with_every_header_on_one_line():
