@@ -140,15 +140,27 @@ def placement_layer_size(group, scheme: Scheme, transformers_quantizes: bool) ->
     return (weights * width if width else 0) + floating * scheme.float_bytes + group.fp32_params * FP32
 
 
+def placement_linear_size(lin, scheme: Scheme, transformers_quantizes: bool) -> float:
+    """A linear outside the layers (OPT's projections) as transformers sizes it: bitsandbytes' element width for
+    the weight it replaces, the float width for the bias."""
+    width = QUANTIZED_ELEMENT_BYTES.get(scheme.kind) if transformers_quantizes else None
+    weight = lin.in_features * lin.out_features
+    return weight * (width or scheme.float_bytes) + (lin.params - weight) * scheme.float_bytes
+
+
 def model_modules(spec: ArchSpec, scheme: Scheme) -> list[_Module]:
-    """The model's top-level modules in transformers' order: the base model (embeddings, the decoder layers, the
-    final norm), then the output head. Buffers (rotary tables, a few hundred bytes) are left out."""
+    """The model's top-level modules in transformers' order: the base model (each embedding module, the
+    projections, the decoder layers, the final norm), then the output head. Buffers (rotary tables, a few hundred
+    bytes) are left out."""
     quantizes = spec.model_type not in SUBCLASSED_LINEAR_TYPES
     width = scheme.float_bytes
     tied = spec.lm_head is None
-    embed = _Module("base.embed", spec.embedding_params * width, tied="head" if tied else None,
-                    params=spec.embedding_params, weights_bytes=spec.embedding_params * width)
-    extras = [_Module(f"base.{lin.name}", lin.params * width, params=lin.params,
+    parts = spec.embedding_parts or (spec.embedding_params,)
+    # NOTE: a tied head shares the token embeddings' weight: the first embedding module
+    embeds = [_Module("base.embed" if i == 0 else f"base.embed_{i}", n * width,
+                      tied="head" if tied and i == 0 else None, params=n, weights_bytes=n * width)
+              for i, n in enumerate(parts)]
+    extras = [_Module(f"base.{lin.name}", placement_linear_size(lin, scheme, quantizes), params=lin.params,
                       weights_bytes=linear_bytes(lin, scheme, scheme.quantized)) for lin in spec.extra_linears]
     layers = [_Module(f"base.layers.{i}", placement_layer_size(group, scheme, quantizes), no_split=True, layer=True,
                       params=group.params, weights_bytes=layer_bytes(group, scheme))
@@ -158,7 +170,7 @@ def model_modules(spec: ArchSpec, scheme: Scheme) -> list[_Module]:
     head_params = 0 if tied else spec.lm_head.params  # tied: the embeddings' own weight, counted there
     head = _Module("head", head_params * width, tied="base.embed" if tied else None, params=head_params,
                    weights_bytes=head_params * width)
-    return [_parent("base", [embed, *extras, _parent("base.layers", layers), norm]), head]
+    return [_parent("base", [*embeds, *extras, _parent("base.layers", layers), norm]), head]
 
 
 def largest_module(modules: list[_Module]) -> tuple[float, list[str]]:

@@ -21,12 +21,28 @@ torch = pytest.importorskip("torch")
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                  "max_position_embeddings": 8192, "tie_word_embeddings": True}
+# GPT-2: token and position embeddings as two modules, Conv1D projections; OPT: two embeddings and the
+# project_out/project_in linears outside the layers, which bitsandbytes replaces too
+TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 256}
+TINY_OPT = {"model_type": "opt", "vocab_size": 256, "hidden_size": 128, "word_embed_proj_dim": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 256,
+            "do_layer_norm_before": False}
 MODELS = {"llama": {**TINY_LLAMA, "num_hidden_layers": 6}, "falcon": {**TINY_FALCON, "num_hidden_layers": 5},
-          "mixtral": {**TINY_MIXTRAL, "num_hidden_layers": 4}, "smollm2": SMOLLM2_SHAPE}
+          "mixtral": {**TINY_MIXTRAL, "num_hidden_layers": 4}, "smollm2": SMOLLM2_SHAPE, "gpt2": TINY_GPT2,
+          "opt": TINY_OPT}
 
 
 def meta_model(config: dict, scheme_name: str):
-    """The model as from_pretrained builds it before placing it: on meta, bitsandbytes layers swapped in."""
+    """The model as from_pretrained builds it before placing it: on meta, bitsandbytes layers swapped in, both
+    under the scheme's dtype as torch's default (from_pretrained's `local_torch_dtype`: the biases of the linears
+    bitsandbytes swaps in are created in it)."""
+    from transformers.modeling_utils import local_torch_dtype
+
+    with local_torch_dtype(getattr(torch, get_scheme(scheme_name).torch_dtype)):
+        return _meta_model(config, scheme_name)
+
+
+def _meta_model(config: dict, scheme_name: str):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
@@ -152,3 +168,20 @@ def test_sequential_split_is_accelerates_too(tmp_path, name):
                                         no_split_module_classes=list(model._no_split_modules))
         planned = plan_placement(spec, get_scheme("bf16"), "sequential", max_memory)
         assert {d: n for d, n in planned.layers.items() if n} == layers_by_device(model, mapping), max_memory
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "bf16"])
+def test_oracle_sizes_layers_as_a_real_load(tmp_path, scheme):
+    """The oracle's decoder layer and projections weigh what the planner sizes them at (a layer of tiny OPT in
+    nf4: bitsandbytes' swapped-in biases in bf16, as from_pretrained creates them, not float32)."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    from falconbench.placement import model_modules
+
+    spec = resolve_model(str(write_config(tmp_path / "opt", TINY_OPT))).spec()
+    model, quantizer = meta_model(TINY_OPT, scheme)
+    sizes, _ = compute_module_sizes(model, quantizer)
+    planned = {m.name: m.size for root in model_modules(spec, get_scheme(scheme)) for m in root.walk()}
+    assert planned["base.layers.0"] == sizes["model.decoder.layers.0"]
+    assert planned["base.project_in"] == sizes["model.decoder.project_in"]
+    assert planned["base.embed_1"] == sizes["model.decoder.embed_positions"]
