@@ -25,7 +25,7 @@ layers run on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from .errors import UsageError
@@ -95,6 +95,7 @@ class Placement:
     layers: dict[str, int]  # device label (gpu0, cpu, disk) → decoder layers, devices in accelerate's order
     params: dict[str, int] = field(default_factory=dict)
     weights_bytes: dict[str, int] = field(default_factory=dict)
+    refused: str | None = None  # planned: why transformers will refuse to load this split (`load_refusal`)
 
     @property
     def split(self) -> bool:
@@ -268,6 +269,20 @@ def ordered_budgets(max_memory: Mapping[str, int]) -> dict[int | str, float]:
     return {k: keyed[k] for k in gpus + [k for k in (CPU,) if k in keyed]}
 
 
+def load_refusal(scheme: Scheme, params: Mapping[str, int]) -> str | None:
+    """Why transformers refuses to load a split (device label → parameters there), or None: bitsandbytes'
+    schemes with layers on the CPU or disk beside a GPU or the disk (`validate_environment`: only
+    `llm_int8_enable_fp32_cpu_offload`, which keeps the offloaded layers unquantized, allows it; falconbench does
+    not set it). A model wholly on the CPU loads."""
+    if not scheme.quantized:
+        return None
+    devices = {label for label, n in params.items() if n}
+    offloaded = [label for label in (CPU, DISK) if label in devices]
+    if devices == {CPU} or not offloaded:
+        return None
+    return f"bitsandbytes layers on {'/'.join(offloaded)}"
+
+
 def plan_placement(spec: ArchSpec, scheme: Scheme, device_map: str, max_memory: Mapping[str, int]) -> Placement:
     """The placement transformers will choose for `spec` in `scheme` under `device_map` and `max_memory`
     ({"0": bytes, "cpu": bytes}): decoder layers, parameters and weight bytes per device."""
@@ -279,7 +294,8 @@ def plan_placement(spec: ArchSpec, scheme: Scheme, device_map: str, max_memory: 
     if scheme.quantized:
         budgets = {k: v * QUANTIZED_MEMORY_SHARE for k, v in budgets.items()}
     placed = assign(modules, budgets)
-    return summarize(device_map, placed, modules, list(budgets) + [DISK])
+    placement = summarize(device_map, placed, modules, list(budgets) + [DISK])
+    return replace(placement, refused=load_refusal(scheme, placement.params))
 
 
 def summarize(device_map: str, placed: dict[str, int | str], modules: list[_Module],

@@ -185,3 +185,36 @@ def test_oracle_sizes_layers_as_a_real_load(tmp_path, scheme):
     assert planned["base.layers.0"] == sizes["model.decoder.layers.0"]
     assert planned["base.project_in"] == sizes["model.decoder.project_in"]
     assert planned["base.embed_1"] == sizes["model.decoder.embed_positions"]
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "bf16"])
+def test_the_refused_splits_are_the_ones_transformers_refuses(tmp_path, scheme):
+    """`load_refusal` (run's refusal, plan's and fit's note) against bitsandbytes' own `validate_environment`,
+    given the map transformers computes and falconbench's quantization config (no fp32 CPU offload)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.accelerate import _get_device_map
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = MODELS["gpt2"]
+    spec = resolve_model(str(write_config(tmp_path / "gpt2", config))).spec()
+    rng = random.Random(f"refusal-{scheme}")
+    model, quantizer = meta_model(config, scheme)
+    strict = (AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
+                                          BitsAndBytesConfig(load_in_4bit=True), pre_quantized=False)
+              if quantizer else None)
+    outcomes = set()
+    for _ in range(16):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16")))
+        planned = plan_placement(spec, get_scheme(scheme), "auto", max_memory)
+        mapping = _get_device_map(model, "auto", {int(k) if k.isdigit() else k: v for k, v in max_memory.items()},
+                                  quantizer)
+        try:
+            if strict:
+                strict.validate_environment(device_map=mapping)
+            refused = False
+        except ValueError as error:
+            assert "dispatched on the CPU or the disk" in str(error)
+            refused = True
+        assert (planned.refused is not None) == refused, (max_memory, planned.layers)
+        outcomes.add(refused)
+    assert outcomes == ({True, False} if strict else {False})

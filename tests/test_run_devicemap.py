@@ -44,6 +44,7 @@ def test_measured_placement_is_the_planned_one(offloaded):
     assert not problems and row.status == "ok", row.error
     measured, planned = row.memory["placement"], row.plan["placement"]
     assert measured["layers"] == {"cpu": 2, "disk": 4}
+    assert planned.pop("refused") is None  # a float scheme loads offloaded
     assert measured == planned  # layers, parameters and weight bytes per device
     assert sum(measured["weights_bytes"].values()) == row.weights_bytes - 128  # less the rotary buffers
     assert row.settings["device_map"] == "auto" and row.settings["max_memory"] == {"cpu": 2**20}
@@ -104,3 +105,17 @@ def test_plan_and_fit_answer_the_same_split(invoke):
         fit.output.split())
     missing = invoke("plan", "-m", "smollm2", "--device-map", "auto")
     assert missing.exit_code == 2 and "needs --max-memory" in missing.output
+
+
+def test_plan_and_fit_say_which_splits_run_refuses(invoke):
+    """nf4 with layers on the CPU beside a GPU: plan and fit print the split and that `run` refuses it (the same
+    `placement.load_refusal` run refuses through); the whole model on the CPU loads."""
+    budget = ["--device-map", "auto", "--max-memory", "0=100MiB,cpu=1GiB"]
+    for command in (["plan", "-m", "smollm2", "-d", "nf4", *budget], ["fit", "-m", "smollm2", "-d", "nf4", "-g", "T4",
+                                                                       *budget]):
+        result = invoke(*command)
+        assert result.exit_code == 0, result.output
+        assert ("gpu0 20 layers, 92.0 MiB · cpu 10 layers, 19.0 MiB (run refuses: bitsandbytes layers on cpu)"
+                in " ".join(result.output.split()))
+    alone = invoke("plan", "-m", "smollm2", "-d", "nf4", "--device-map", "auto", "--max-memory", "cpu=1GiB")
+    assert alone.exit_code == 0 and "cpu 30 layers" in alone.output and "refuses" not in alone.output
