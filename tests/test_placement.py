@@ -218,3 +218,13 @@ def test_the_refused_splits_are_the_ones_transformers_refuses(tmp_path, scheme):
         assert (planned.refused is not None) == refused, (max_memory, planned.layers)
         outcomes.add(refused)
     assert outcomes == ({True, False} if strict else {False})
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential"])
+@pytest.mark.parametrize("max_memory", [{"0": 0, "1": 20 * 2**20, "cpu": 40 * 2**20},
+                                        {"0": 30 * 2**20, "1": 0, "2": 30 * 2**20, "cpu": 0}])
+def test_a_zero_budget_leaves_a_device_out_as_transformers_does(tmp_path, device_map, max_memory):
+    config = MODELS["smollm2"]
+    spec = resolve_model(str(write_config(tmp_path / "smollm2", config))).spec()
+    planned = plan_placement(spec, get_scheme("bf16"), device_map, max_memory)
+    assert {d: n for d, n in planned.layers.items() if n} == library_layers(config, "bf16", device_map, max_memory)

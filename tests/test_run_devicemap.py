@@ -76,8 +76,10 @@ def test_the_map_is_part_of_the_configuration(offloaded, six_layers):
 @pytest.mark.parametrize("args, message", [
     (["--max-memory", "cpu=1MiB"], "--max-memory is the budget of a device map"),
     (["--device-map", "auto", "--max-memory", "npu=1G"], "--max-memory: unknown device 'npu'"),
-    (["--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory cpu=SIZE needs a size such as 512M"),
-    (["--device-map", "auto", "--max-memory", "0=1G"], "names GPU 0 but the device is cpu"),
+    (["--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory cpu: a size must be a byte count"),
+    (["--device-map", "auto", "--max-memory", "cpu=20G"], "or carry a unit, KiB, MiB, GiB (powers of 1024)"),
+    (["--device-map", "auto", "--max-memory", "cpu=2Gb"], "accelerate reads a lowercase b as bits"),
+    (["--device-map", "auto", "--max-memory", "0=1GiB"], "names GPU 0 but the device is cpu"),
     (["--device-map", "spread"], "--device-map 'spread' is not one of auto, balanced, sequential"),
     (["--device-map", "auto", "--random-weights"], "random weights are built in place"),
     (["--device-map", "auto", "--max-memory", "cpu=400KiB", "-d", "nf4"], "transformers refuses bitsandbytes layers"),
@@ -119,3 +121,16 @@ def test_plan_and_fit_say_which_splits_run_refuses(invoke):
                 in " ".join(result.output.split()))
     alone = invoke("plan", "-m", "smollm2", "-d", "nf4", "--device-map", "auto", "--max-memory", "cpu=1GiB")
     assert alone.exit_code == 0 and "cpu 30 layers" in alone.output and "refuses" not in alone.output
+
+
+@pytest.mark.parametrize("size, expected", [("20GB", 20 * 10**9), ("20GiB", 20 * 2**30), ("1.5MiB", 1572864),
+                                            ("0", 0), ("4096", 4096), ("7kb".upper(), 7000)])
+def test_max_memory_sizes_read_as_accelerate_reads_them(size, expected):
+    """--max-memory's sizes are accelerate's (`convert_file_size_to_int`: GB powers of 1000, GiB of 1024), so a
+    budget means in falconbench what it means in a script calling from_pretrained."""
+    from accelerate.utils.modeling import convert_file_size_to_int
+
+    from falconbench.cli.options import parse_max_memory
+
+    assert parse_max_memory(f"0={size},cpu={size}") == {"0": expected, "cpu": expected}
+    assert convert_file_size_to_int(int(size) if size.isdigit() else size) == expected
