@@ -97,11 +97,6 @@ class Placement:
     weights_bytes: dict[str, int] = field(default_factory=dict)
     refused: str | None = None  # planned: why transformers will refuse to load this split (`load_refusal`)
 
-    @property
-    def split(self) -> bool:
-        """Whether the layers are on more than one device."""
-        return len([n for n in self.layers.values() if n]) > 1
-
     def as_dict(self) -> dict:
         return {"device_map": self.device_map, "layers": dict(self.layers), "params": dict(self.params),
                 "weights_bytes": dict(self.weights_bytes)}
