@@ -42,6 +42,8 @@ BALANCE_BUFFER = 1.25  # get_balanced_memory: per-GPU share + 1.25 × the larges
 # NOTE: transformers 5 swaps `type(module) is nn.Linear` only, so Falcon's FalconLinear layers are sized (and
 # loaded) at 16 bits by transformers; falconbench quantizes them after the load (FACTS.md, the Falcon trap)
 SUBCLASSED_LINEAR_TYPES = ("falcon",)
+# NOTE: OPTDecoder registers its final LayerNorm before its layers, so the placement visits it before them
+FINAL_NORM_FIRST_TYPES = ("opt",)
 CPU, DISK = "cpu", "disk"
 
 
@@ -166,7 +168,9 @@ def model_modules(spec: ArchSpec, scheme: Scheme) -> list[_Module]:
     head_params = 0 if tied else spec.lm_head.params  # tied: the embeddings' own weight, counted there
     head = _Module("head", head_params * width, tied="base.embed" if tied else None, params=head_params,
                    weights_bytes=head_params * width)
-    return [_parent("base", [*embeds, *extras, _parent("base.layers", layers), norm]), head]
+    stack = _parent("base.layers", layers)
+    body = [norm, stack] if spec.model_type in FINAL_NORM_FIRST_TYPES else [stack, norm]
+    return [_parent("base", [*embeds, *extras, *body]), head]
 
 
 def largest_module(modules: list[_Module]) -> tuple[float, list[str]]:

@@ -227,3 +227,31 @@ def test_a_zero_budget_leaves_a_device_out_as_transformers_does(tmp_path, device
     spec = resolve_model(str(write_config(tmp_path / "smollm2", config))).spec()
     planned = plan_placement(spec, get_scheme("bf16"), device_map, max_memory)
     assert {d: n for d, n in planned.layers.items() if n} == library_layers(config, "bf16", device_map, max_memory)
+
+
+def params_by_device(model, mapping) -> dict[str, int]:
+    owners = sorted(mapping, key=len, reverse=True)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        device = device_label(next(mapping[k] for k in owners if k == "" or name == k or name.startswith(k + ".")))
+        counts[device] = counts.get(device, 0) + param.numel()
+    return counts
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "opt-prenorm", "smollm2"])
+def test_parameters_per_device_are_the_libraries(tmp_path, name):
+    """Every module outside the layers lands where transformers puts it: GPT-2's position embeddings beside or
+    apart from its token embeddings, OPT's final LayerNorm (registered before its layers) on the first device."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    config = {**TINY_OPT, "do_layer_norm_before": True} if name == "opt-prenorm" else MODELS[name]
+    spec = resolve_model(str(write_config(tmp_path / name, config))).spec()
+    model, _ = meta_model(config, "bf16")
+    rng = random.Random(f"params-{name}")
+    for _ in range(10):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16")))
+        device_map = rng.choice(["auto", "sequential"])
+        planned = plan_placement(spec, get_scheme("bf16"), device_map, max_memory)
+        mapping = _get_device_map(model, device_map, {int(k) if k.isdigit() else k: v for k, v in max_memory.items()},
+                                  None)
+        assert {d: n for d, n in planned.params.items() if n} == params_by_device(model, mapping), max_memory
