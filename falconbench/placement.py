@@ -7,7 +7,8 @@ and that copy is what decides a `run`'s placement (tests/test_placement.py check
 against accelerate's own where the two agree: a sequential split; their balanced buffers differ). The rules, as that
 code applies them to a causal LM:
 
-- Modules are visited in the model's order: the base model (embeddings, decoder layers, final norm), then the head.
+- Modules are visited in the model's order: the base model (each embedding module on its own, decoder layers,
+  final norm; OPT registers its final norm before its layers), then the head.
   A module that fits the current device goes there whole; one that does not is split into its children, except a
   decoder layer (`_no_split_modules`), which moves to the next device. Devices: the GPUs named, then cpu, then
   disk (which takes everything left).
