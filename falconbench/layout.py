@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .libraries import installed_version
 from .spec import ArchSpec, CacheLayout, Experts, LayerGroup, Linear, positive_int
 
-LAYOUT_FORMAT = 1  # bump when the JSON shape or the derivation changes: older files are then ignored
+LAYOUT_FORMAT = 2  # bump when the JSON shape or the derivation changes: older files are then ignored
 def layouts_dir() -> Path:
     from .zoo import cache_root
 
@@ -65,7 +65,8 @@ def spec_from_dict(data: dict[str, Any]) -> ArchSpec:
     ) for g in data["groups"])
     head = Linear(**data["lm_head"]) if data["lm_head"] else None
     return ArchSpec(**{**data, "groups": groups, "lm_head": head, "warnings": tuple(data["warnings"]),
-                       "extra_linears": tuple(Linear(**lin) for lin in data["extra_linears"])})
+                       "extra_linears": tuple(Linear(**lin) for lin in data["extra_linears"]),
+                       "embedding_parts": tuple(data["embedding_parts"])})
 
 
 def torch_available() -> bool:

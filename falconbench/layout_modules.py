@@ -52,7 +52,7 @@ def place_parameters(model, prefix: str, num_layers: int, untied_head) -> tuple[
     linears, fused experts, float32-kept and other floating-point parameters."""
     quantized, fp32 = quantized_modules(model), fp32_matcher(model)
     per_layer = [dict(linears=[], float_params=0, fp32_params=0, experts={}) for _ in range(num_layers)]
-    outside = dict(before=0, after=0, extra=[], fp32=0)
+    outside = dict(before=0, after=0, extra=[], fp32=0, parts=[])
     seen_layers, seen = False, set()
     for module_name, module in model.named_modules():
         index = layer_index(module_name, prefix)
@@ -70,6 +70,12 @@ def place_parameters(model, prefix: str, num_layers: int, untied_head) -> tuple[
             keep_fp32 = fp32(f"{module_name}.{param_name}" if module_name else param_name)
             if index is None:
                 outside["after" if seen_layers else "before"] += param.numel()
+                if not seen_layers:  # one entry per embedding module, in module order
+                    parts = outside["parts"]
+                    if parts and parts[-1][0] == module_name:
+                        parts[-1][1] += param.numel()
+                    else:
+                        parts.append([module_name, param.numel()])
                 outside["fp32"] += param.numel() if keep_fp32 else 0
             elif param.dim() >= 3 and not is_convolution(module):
                 add_expert(per_layer[index]["experts"], relative, param_name, param, own)
@@ -272,6 +278,7 @@ def assemble_spec(name, text, per_layer, caches, outside, head) -> ArchSpec:
         vocab_size=text.vocab_size,
         groups=tuple(LayerGroup(n, lin, fl, ca, ex, fp) for (lin, fl, ca, ex, fp), n in groups.items()),
         embedding_params=outside["before"], final_norm_params=outside["after"],
+        embedding_parts=tuple(n for _, n in outside["parts"]) if len(outside["parts"]) > 1 else (),
         lm_head=Linear("lm_head", head.in_features, head.out_features, head.bias is not None) if head else None,
         intermediate_size=config_field(text, "intermediate_size") or 4 * text.hidden_size,
         extra_linears=tuple(outside["extra"]),

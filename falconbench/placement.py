@@ -7,7 +7,8 @@ and that copy is what decides a `run`'s placement (tests/test_placement.py check
 against accelerate's own where the two agree: a sequential split; their balanced buffers differ). The rules, as that
 code applies them to a causal LM:
 
-- Modules are visited in the model's order: the base model (embeddings, decoder layers, final norm), then the head.
+- Modules are visited in the model's order: the base model (each embedding module on its own, decoder layers,
+  final norm; OPT registers its final norm before its layers), then the head.
   A module that fits the current device goes there whole; one that does not is split into its children, except a
   decoder layer (`_no_split_modules`), which moves to the next device. Devices: the GPUs named, then cpu, then
   disk (which takes everything left).
@@ -25,7 +26,7 @@ layers run on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from .errors import UsageError
@@ -42,6 +43,8 @@ BALANCE_BUFFER = 1.25  # get_balanced_memory: per-GPU share + 1.25 × the larges
 # NOTE: transformers 5 swaps `type(module) is nn.Linear` only, so Falcon's FalconLinear layers are sized (and
 # loaded) at 16 bits by transformers; falconbench quantizes them after the load (FACTS.md, the Falcon trap)
 SUBCLASSED_LINEAR_TYPES = ("falcon",)
+# NOTE: OPTDecoder registers its final LayerNorm before its layers, so the placement visits it before them
+FINAL_NORM_FIRST_TYPES = ("opt",)
 CPU, DISK = "cpu", "disk"
 
 
@@ -95,11 +98,7 @@ class Placement:
     layers: dict[str, int]  # device label (gpu0, cpu, disk) → decoder layers, devices in accelerate's order
     params: dict[str, int] = field(default_factory=dict)
     weights_bytes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def split(self) -> bool:
-        """Whether the layers are on more than one device."""
-        return len([n for n in self.layers.values() if n]) > 1
+    refused: str | None = None  # planned: why transformers will refuse to load this split (`load_refusal`)
 
     def as_dict(self) -> dict:
         return {"device_map": self.device_map, "layers": dict(self.layers), "params": dict(self.params),
@@ -140,15 +139,27 @@ def placement_layer_size(group, scheme: Scheme, transformers_quantizes: bool) ->
     return (weights * width if width else 0) + floating * scheme.float_bytes + group.fp32_params * FP32
 
 
+def placement_linear_size(lin, scheme: Scheme, transformers_quantizes: bool) -> float:
+    """A linear outside the layers (OPT's projections) as transformers sizes it: bitsandbytes' element width for
+    the weight it replaces, the float width for the bias."""
+    width = QUANTIZED_ELEMENT_BYTES.get(scheme.kind) if transformers_quantizes else None
+    weight = lin.in_features * lin.out_features
+    return weight * (width or scheme.float_bytes) + (lin.params - weight) * scheme.float_bytes
+
+
 def model_modules(spec: ArchSpec, scheme: Scheme) -> list[_Module]:
-    """The model's top-level modules in transformers' order: the base model (embeddings, the decoder layers, the
-    final norm), then the output head. Buffers (rotary tables, a few hundred bytes) are left out."""
+    """The model's top-level modules in transformers' order: the base model (each embedding module, the
+    projections, the decoder layers, the final norm), then the output head. Buffers (rotary tables, a few hundred
+    bytes) are left out."""
     quantizes = spec.model_type not in SUBCLASSED_LINEAR_TYPES
     width = scheme.float_bytes
     tied = spec.lm_head is None
-    embed = _Module("base.embed", spec.embedding_params * width, tied="head" if tied else None,
-                    params=spec.embedding_params, weights_bytes=spec.embedding_params * width)
-    extras = [_Module(f"base.{lin.name}", lin.params * width, params=lin.params,
+    parts = spec.embedding_parts or (spec.embedding_params,)
+    # NOTE: a tied head shares the token embeddings' weight: the first embedding module
+    embeds = [_Module("base.embed" if i == 0 else f"base.embed_{i}", n * width,
+                      tied="head" if tied and i == 0 else None, params=n, weights_bytes=n * width)
+              for i, n in enumerate(parts)]
+    extras = [_Module(f"base.{lin.name}", placement_linear_size(lin, scheme, quantizes), params=lin.params,
                       weights_bytes=linear_bytes(lin, scheme, scheme.quantized)) for lin in spec.extra_linears]
     layers = [_Module(f"base.layers.{i}", placement_layer_size(group, scheme, quantizes), no_split=True, layer=True,
                       params=group.params, weights_bytes=layer_bytes(group, scheme))
@@ -158,7 +169,9 @@ def model_modules(spec: ArchSpec, scheme: Scheme) -> list[_Module]:
     head_params = 0 if tied else spec.lm_head.params  # tied: the embeddings' own weight, counted there
     head = _Module("head", head_params * width, tied="base.embed" if tied else None, params=head_params,
                    weights_bytes=head_params * width)
-    return [_parent("base", [embed, *extras, _parent("base.layers", layers), norm]), head]
+    stack = _parent("base.layers", layers)
+    body = [norm, stack] if spec.model_type in FINAL_NORM_FIRST_TYPES else [stack, norm]
+    return [_parent("base", [*embeds, *extras, *body]), head]
 
 
 def largest_module(modules: list[_Module]) -> tuple[float, list[str]]:
@@ -256,6 +269,20 @@ def ordered_budgets(max_memory: Mapping[str, int]) -> dict[int | str, float]:
     return {k: keyed[k] for k in gpus + [k for k in (CPU,) if k in keyed]}
 
 
+def load_refusal(scheme: Scheme, params: Mapping[str, int]) -> str | None:
+    """Why transformers refuses to load a split (device label → parameters there), or None: bitsandbytes'
+    schemes with layers on the CPU or disk beside a GPU or the disk (`validate_environment`: only
+    `llm_int8_enable_fp32_cpu_offload`, which keeps the offloaded layers unquantized, allows it; falconbench does
+    not set it). A model wholly on the CPU loads."""
+    if not scheme.quantized:
+        return None
+    devices = {label for label, n in params.items() if n}
+    offloaded = [label for label in (CPU, DISK) if label in devices]
+    if devices == {CPU} or not offloaded:
+        return None
+    return f"bitsandbytes layers on {'/'.join(offloaded)}"
+
+
 def plan_placement(spec: ArchSpec, scheme: Scheme, device_map: str, max_memory: Mapping[str, int]) -> Placement:
     """The placement transformers will choose for `spec` in `scheme` under `device_map` and `max_memory`
     ({"0": bytes, "cpu": bytes}): decoder layers, parameters and weight bytes per device."""
@@ -267,7 +294,8 @@ def plan_placement(spec: ArchSpec, scheme: Scheme, device_map: str, max_memory: 
     if scheme.quantized:
         budgets = {k: v * QUANTIZED_MEMORY_SHARE for k, v in budgets.items()}
     placed = assign(modules, budgets)
-    return summarize(device_map, placed, modules, list(budgets) + [DISK])
+    placement = summarize(device_map, placed, modules, list(budgets) + [DISK])
+    return replace(placement, refused=load_refusal(scheme, placement.params))
 
 
 def summarize(device_map: str, placed: dict[str, int | str], modules: list[_Module],

@@ -146,6 +146,9 @@ class ArchSpec:
     lm_head: Linear | None  # None when the output head is tied to the input embeddings
     intermediate_size: int
     extra_linears: tuple[Linear, ...] = ()  # quantizable linears outside the decoder layers (OPT's projections)
+    # the parameters of each module the embeddings are made of, in module order, when there are several (GPT-2's
+    # token and position embeddings, BLOOM's embeddings and their norm; they sum to embedding_params); () is one
+    embedding_parts: tuple[int, ...] = ()
     num_kv_heads: int = 0  # of the attention layers (0: no attention)
     head_dim: int = 0
     max_positions: int | None = None
@@ -161,6 +164,9 @@ class ArchSpec:
                                   "Check the model's config.json")
         if not self.groups:
             raise ConfigError(f"{self.name}: no decoder layers. Check num_hidden_layers in config.json")
+        if self.embedding_parts and sum(self.embedding_parts) != self.embedding_params:
+            raise ConfigError(f"{self.name}: the embedding modules' parameters {self.embedding_parts} do not add up "
+                              f"to {self.embedding_params}. Report this with the model's config.json")
         if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{self.name}: {self.num_heads} attention heads cannot be split into "
                               f"{self.num_kv_heads} KV groups. Check the KV-head field of config.json")

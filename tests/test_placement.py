@@ -21,12 +21,28 @@ torch = pytest.importorskip("torch")
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                  "max_position_embeddings": 8192, "tie_word_embeddings": True}
+# GPT-2: token and position embeddings as two modules, Conv1D projections; OPT: two embeddings and the
+# project_out/project_in linears outside the layers, which bitsandbytes replaces too
+TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 256}
+TINY_OPT = {"model_type": "opt", "vocab_size": 256, "hidden_size": 128, "word_embed_proj_dim": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 256,
+            "do_layer_norm_before": False}
 MODELS = {"llama": {**TINY_LLAMA, "num_hidden_layers": 6}, "falcon": {**TINY_FALCON, "num_hidden_layers": 5},
-          "mixtral": {**TINY_MIXTRAL, "num_hidden_layers": 4}, "smollm2": SMOLLM2_SHAPE}
+          "mixtral": {**TINY_MIXTRAL, "num_hidden_layers": 4}, "smollm2": SMOLLM2_SHAPE, "gpt2": TINY_GPT2,
+          "opt": TINY_OPT}
 
 
 def meta_model(config: dict, scheme_name: str):
-    """The model as from_pretrained builds it before placing it: on meta, bitsandbytes layers swapped in."""
+    """The model as from_pretrained builds it before placing it: on meta, bitsandbytes layers swapped in, both
+    under the scheme's dtype as torch's default (from_pretrained's `local_torch_dtype`: the biases of the linears
+    bitsandbytes swaps in are created in it)."""
+    from transformers.modeling_utils import local_torch_dtype
+
+    with local_torch_dtype(getattr(torch, get_scheme(scheme_name).torch_dtype)):
+        return _meta_model(config, scheme_name)
+
+
+def _meta_model(config: dict, scheme_name: str):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
@@ -91,7 +107,6 @@ def test_offload_reserves_the_largest_module_still_to_place():
     placement = plan_placement(spec, get_scheme("bf16"), "auto", {"cpu": 120 * 2**20})
     assert placement.layers == {"cpu": 8, "disk": 22}
     assert sum(placement.weights_bytes.values()) == weights_bytes(spec, get_scheme("bf16"))
-    assert placement.split
 
 
 def test_balanced_caps_all_gpus_but_the_last():
@@ -152,3 +167,91 @@ def test_sequential_split_is_accelerates_too(tmp_path, name):
                                         no_split_module_classes=list(model._no_split_modules))
         planned = plan_placement(spec, get_scheme("bf16"), "sequential", max_memory)
         assert {d: n for d, n in planned.layers.items() if n} == layers_by_device(model, mapping), max_memory
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "bf16"])
+def test_oracle_sizes_layers_as_a_real_load(tmp_path, scheme):
+    """The oracle's decoder layer and projections weigh what the planner sizes them at (a layer of tiny OPT in
+    nf4: bitsandbytes' swapped-in biases in bf16, as from_pretrained creates them, not float32)."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    from falconbench.placement import model_modules
+
+    spec = resolve_model(str(write_config(tmp_path / "opt", TINY_OPT))).spec()
+    model, quantizer = meta_model(TINY_OPT, scheme)
+    sizes, _ = compute_module_sizes(model, quantizer)
+    planned = {m.name: m.size for root in model_modules(spec, get_scheme(scheme)) for m in root.walk()}
+    assert planned["base.layers.0"] == sizes["model.decoder.layers.0"]
+    assert planned["base.project_in"] == sizes["model.decoder.project_in"]
+    assert planned["base.embed_1"] == sizes["model.decoder.embed_positions"]
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "bf16"])
+def test_the_refused_splits_are_the_ones_transformers_refuses(tmp_path, scheme):
+    """`load_refusal` (run's refusal, plan's and fit's note) against bitsandbytes' own `validate_environment`,
+    given the map transformers computes and falconbench's quantization config (no fp32 CPU offload)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.accelerate import _get_device_map
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = MODELS["gpt2"]
+    spec = resolve_model(str(write_config(tmp_path / "gpt2", config))).spec()
+    rng = random.Random(f"refusal-{scheme}")
+    model, quantizer = meta_model(config, scheme)
+    strict = (AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
+                                          BitsAndBytesConfig(load_in_4bit=True), pre_quantized=False)
+              if quantizer else None)
+    outcomes = set()
+    for _ in range(16):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16")))
+        planned = plan_placement(spec, get_scheme(scheme), "auto", max_memory)
+        mapping = _get_device_map(model, "auto", {int(k) if k.isdigit() else k: v for k, v in max_memory.items()},
+                                  quantizer)
+        try:
+            if strict:
+                strict.validate_environment(device_map=mapping)
+            refused = False
+        except ValueError as error:
+            assert "dispatched on the CPU or the disk" in str(error)
+            refused = True
+        assert (planned.refused is not None) == refused, (max_memory, planned.layers)
+        outcomes.add(refused)
+    assert outcomes == ({True, False} if strict else {False})
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential"])
+@pytest.mark.parametrize("max_memory", [{"0": 0, "1": 20 * 2**20, "cpu": 40 * 2**20},
+                                        {"0": 30 * 2**20, "1": 0, "2": 30 * 2**20, "cpu": 0}])
+def test_a_zero_budget_leaves_a_device_out_as_transformers_does(tmp_path, device_map, max_memory):
+    config = MODELS["smollm2"]
+    spec = resolve_model(str(write_config(tmp_path / "smollm2", config))).spec()
+    planned = plan_placement(spec, get_scheme("bf16"), device_map, max_memory)
+    assert {d: n for d, n in planned.layers.items() if n} == library_layers(config, "bf16", device_map, max_memory)
+
+
+def params_by_device(model, mapping) -> dict[str, int]:
+    owners = sorted(mapping, key=len, reverse=True)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        device = device_label(next(mapping[k] for k in owners if k == "" or name == k or name.startswith(k + ".")))
+        counts[device] = counts.get(device, 0) + param.numel()
+    return counts
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "opt-prenorm", "smollm2"])
+def test_parameters_per_device_are_the_libraries(tmp_path, name):
+    """Every module outside the layers lands where transformers puts it: GPT-2's position embeddings beside or
+    apart from its token embeddings, OPT's final LayerNorm (registered before its layers) on the first device."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    config = {**TINY_OPT, "do_layer_norm_before": True} if name == "opt-prenorm" else MODELS[name]
+    spec = resolve_model(str(write_config(tmp_path / name, config))).spec()
+    model, _ = meta_model(config, "bf16")
+    rng = random.Random(f"params-{name}")
+    for _ in range(10):
+        max_memory = budgets(rng, weights_bytes(spec, get_scheme("bf16")))
+        device_map = rng.choice(["auto", "sequential"])
+        planned = plan_placement(spec, get_scheme("bf16"), device_map, max_memory)
+        mapping = _get_device_map(model, device_map, {int(k) if k.isdigit() else k: v for k, v in max_memory.items()},
+                                  None)
+        assert {d: n for d, n in planned.params.items() if n} == params_by_device(model, mapping), max_memory

@@ -44,6 +44,7 @@ def test_measured_placement_is_the_planned_one(offloaded):
     assert not problems and row.status == "ok", row.error
     measured, planned = row.memory["placement"], row.plan["placement"]
     assert measured["layers"] == {"cpu": 2, "disk": 4}
+    assert planned.pop("refused") is None  # a float scheme loads offloaded
     assert measured == planned  # layers, parameters and weight bytes per device
     assert sum(measured["weights_bytes"].values()) == row.weights_bytes - 128  # less the rotary buffers
     assert row.settings["device_map"] == "auto" and row.settings["max_memory"] == {"cpu": 2**20}
@@ -75,8 +76,10 @@ def test_the_map_is_part_of_the_configuration(offloaded, six_layers):
 @pytest.mark.parametrize("args, message", [
     (["--max-memory", "cpu=1MiB"], "--max-memory is the budget of a device map"),
     (["--device-map", "auto", "--max-memory", "npu=1G"], "--max-memory: unknown device 'npu'"),
-    (["--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory cpu=SIZE needs a size such as 512M"),
-    (["--device-map", "auto", "--max-memory", "0=1G"], "names GPU 0 but the device is cpu"),
+    (["--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory cpu: a size must be a byte count"),
+    (["--device-map", "auto", "--max-memory", "cpu=20G"], "or carry a unit, KiB, MiB, GiB (powers of 1024)"),
+    (["--device-map", "auto", "--max-memory", "cpu=2Gb"], "accelerate reads a lowercase b as bits"),
+    (["--device-map", "auto", "--max-memory", "0=1GiB"], "names GPU 0 but the device is cpu"),
     (["--device-map", "spread"], "--device-map 'spread' is not one of auto, balanced, sequential"),
     (["--device-map", "auto", "--random-weights"], "random weights are built in place"),
     (["--device-map", "auto", "--max-memory", "cpu=400KiB", "-d", "nf4"], "transformers refuses bitsandbytes layers"),
@@ -104,3 +107,30 @@ def test_plan_and_fit_answer_the_same_split(invoke):
         fit.output.split())
     missing = invoke("plan", "-m", "smollm2", "--device-map", "auto")
     assert missing.exit_code == 2 and "needs --max-memory" in missing.output
+
+
+def test_plan_and_fit_say_which_splits_run_refuses(invoke):
+    """nf4 with layers on the CPU beside a GPU: plan and fit print the split and that `run` refuses it (the same
+    `placement.load_refusal` run refuses through); the whole model on the CPU loads."""
+    budget = ["--device-map", "auto", "--max-memory", "0=100MiB,cpu=1GiB"]
+    for command in (["plan", "-m", "smollm2", "-d", "nf4", *budget], ["fit", "-m", "smollm2", "-d", "nf4", "-g", "T4",
+                                                                       *budget]):
+        result = invoke(*command)
+        assert result.exit_code == 0, result.output
+        assert ("gpu0 20 layers, 92.0 MiB · cpu 10 layers, 19.0 MiB (run refuses: bitsandbytes layers on cpu)"
+                in " ".join(result.output.split()))
+    alone = invoke("plan", "-m", "smollm2", "-d", "nf4", "--device-map", "auto", "--max-memory", "cpu=1GiB")
+    assert alone.exit_code == 0 and "cpu 30 layers" in alone.output and "refuses" not in alone.output
+
+
+@pytest.mark.parametrize("size, expected", [("20GB", 20 * 10**9), ("20GiB", 20 * 2**30), ("1.5MiB", 1572864),
+                                            ("0", 0), ("4096", 4096), ("7kb".upper(), 7000)])
+def test_max_memory_sizes_read_as_accelerate_reads_them(size, expected):
+    """--max-memory's sizes are accelerate's (`convert_file_size_to_int`: GB powers of 1000, GiB of 1024), so a
+    budget means in falconbench what it means in a script calling from_pretrained."""
+    from accelerate.utils.modeling import convert_file_size_to_int
+
+    from falconbench.cli.options import parse_max_memory
+
+    assert parse_max_memory(f"0={size},cpu={size}") == {"0": expected, "cpu": expected}
+    assert convert_file_size_to_int(int(size) if size.isdigit() else size) == expected

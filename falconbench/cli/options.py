@@ -209,6 +209,28 @@ def parse_size(text: str | None, option: str = "--memory-cap", example: str = "4
 
 
 MAX_MEMORY_EXAMPLE = "0=20GiB,cpu=60GiB"
+# NOTE: accelerate's `convert_file_size_to_int`, which reads the same budgets in a script: KiB..GiB are powers of
+# 1024, KB..GB powers of 1000 (a lowercase b is bits there); it knows no TiB or TB
+MAX_MEMORY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_budget(text: str, device: str) -> int:
+    """One --max-memory size as accelerate reads it: '20GiB' (20 × 2^30), '20GB' (20 × 10^9), or a byte count;
+    0 leaves that device out. A bare '20G' is refused: --memory-cap reads it as GiB, accelerate not at all."""
+    raw = text.strip()
+    upper = raw.upper()
+    unit = next((u for u in sorted(MAX_MEMORY_UNITS, key=len, reverse=True) if upper.endswith(u)), "")
+    example = f"--max-memory {device}=20GiB (20 × 2^30 bytes) or {device}=20GB (20 × 10^9)"
+    if unit and not unit.endswith("IB") and not raw.endswith("B"):
+        raise UsageError(f"--max-memory {device}={text}: accelerate reads a lowercase b as bits. Write {example}")
+    try:
+        value = float(raw[:len(raw) - len(unit)]) * MAX_MEMORY_UNITS.get(unit, 1)
+    except ValueError:
+        value = -1
+    if not 0 <= value < math.inf:
+        raise UsageError(f"--max-memory {device}: a size must be a byte count or carry a unit, KiB, MiB, GiB (powers "
+                         f"of 1024) or KB, MB, GB (powers of 1000), got {text!r}. Write {example}")
+    return int(value)
 
 
 def parse_max_memory(text: str | None) -> dict[str, int] | None:
@@ -227,8 +249,7 @@ def parse_max_memory(text: str | None) -> dict[str, int] | None:
                              f"Example: --max-memory {MAX_MEMORY_EXAMPLE}")
         if device in budgets:
             raise UsageError(f"--max-memory names {device} twice. Example: --max-memory {MAX_MEMORY_EXAMPLE}")
-        budgets[str(int(device)) if device != "cpu" else device] = parse_size(size, f"--max-memory {device}=SIZE",
-                                                                             f"{device}=20GiB")
+        budgets[str(int(device)) if device != "cpu" else device] = parse_budget(size, device)
     if not budgets:
         raise UsageError(f"--max-memory was given an empty value. Example: --max-memory {MAX_MEMORY_EXAMPLE}")
     return budgets
@@ -242,8 +263,9 @@ def device_map_options(offload: bool = False) -> Callable:
                           "balanced; sequential fills each device in turn). Default: all on --device. Example: "
                           "--device-map auto --max-memory 0=20GiB,cpu=60GiB"),
         click.option("--max-memory", metavar="DEV=SIZE[,...]", default=None,
-                     help="Budget per GPU index and for cpu, sizes as for --memory-cap; what does not fit goes to "
-                          "disk. Needs --device-map. Example: --max-memory cpu=120MiB"),
+                     help="Budget per GPU index and for cpu, sizes as accelerate reads them: 20GiB is 20 × 2^30 "
+                          "bytes, 20GB 20 × 10^9, a plain number bytes; 0 leaves a GPU out. What does not fit goes "
+                          "to disk. Needs --device-map. Example: --max-memory cpu=120MiB"),
     ]
     if offload:
         options.append(click.option(

@@ -16,15 +16,17 @@ GPT_SPELLING = {"hidden": ("n_embd", "hidden_size"), "heads": ("n_head", "num_at
 
 
 def uniform(name: str, model_type: str, *, hidden: int, heads: int, kv_heads: int, layers: int, vocab: int,
-            linears: tuple[Linear, ...], layer_float: int, embedding: int, final_norm: int, head: Linear | None,
-            inter: int, max_positions: int | None, extra: tuple[Linear, ...] = ()) -> ArchSpec:
-    """A decoder of identical full-attention layers."""
+            linears: tuple[Linear, ...], layer_float: int, embedding: int | tuple[int, ...], final_norm: int,
+            head: Linear | None, inter: int, max_positions: int | None, extra: tuple[Linear, ...] = ()) -> ArchSpec:
+    """A decoder of identical full-attention layers; `embedding` is the embeddings' parameters, or each embedding
+    module's in module order when there are several."""
+    parts = embedding if isinstance(embedding, tuple) else (embedding,)
     head_dim = hidden // heads  # checked by f.head_dim above
     group = LayerGroup(layers, linears, layer_float, (attention_cache("full_attention", kv_heads, head_dim, None),))
     return ArchSpec(name=name, model_type=model_type, hidden_size=hidden, num_heads=heads, vocab_size=vocab,
-                    groups=(group,), embedding_params=embedding, final_norm_params=final_norm, lm_head=head,
+                    groups=(group,), embedding_params=sum(parts), final_norm_params=final_norm, lm_head=head,
                     intermediate_size=inter, extra_linears=extra, num_kv_heads=kv_heads, head_dim=head_dim,
-                    max_positions=max_positions)
+                    max_positions=max_positions, embedding_parts=parts if len(parts) > 1 else ())
 
 
 def falcon(f: Fields, name: str, model_type: str) -> ArchSpec:
@@ -123,7 +125,7 @@ def gpt2(f: Fields, name: str, model_type: str) -> ArchSpec:
     )
     tied = bool(f.get("tie_word_embeddings", default=True))
     return uniform(name, "gpt2", hidden=hidden, heads=heads, kv_heads=heads, layers=layers, vocab=vocab,
-                   linears=linears, layer_float=2 * layernorm(hidden), embedding=(vocab + positions) * hidden,
+                   linears=linears, layer_float=2 * layernorm(hidden), embedding=(vocab * hidden, positions * hidden),
                    final_norm=layernorm(hidden), head=None if tied else Linear("lm_head", hidden, vocab),
                    inter=inner, max_positions=positions)
 
@@ -163,7 +165,7 @@ def opt(f: Fields, name: str, model_type: str) -> ArchSpec:
                                                                               default=False) else 0
     tied = bool(f.get("tie_word_embeddings", default=True))
     return uniform(name, "opt", hidden=hidden, heads=heads, kv_heads=heads, layers=layers, vocab=vocab,
-                   linears=linears, layer_float=2 * norm, embedding=vocab * proj + (positions + 2) * hidden,
+                   linears=linears, layer_float=2 * norm, embedding=(vocab * proj, (positions + 2) * hidden),
                    final_norm=final, head=None if tied else Linear("lm_head", proj, vocab), inter=ffn,
                    max_positions=positions, extra=extra)
 
@@ -182,7 +184,7 @@ def bloom(f: Fields, name: str, model_type: str) -> ArchSpec:
     tied = bool(f.get("tie_word_embeddings", default=True))
     return uniform(name, "bloom", hidden=hidden, heads=heads, kv_heads=heads, layers=layers, vocab=vocab,
                    linears=linears, layer_float=2 * layernorm(hidden),
-                   embedding=vocab * hidden + layernorm(hidden), final_norm=layernorm(hidden),
+                   embedding=(vocab * hidden, layernorm(hidden)), final_norm=layernorm(hidden),
                    head=None if tied else Linear("lm_head", hidden, vocab), inter=4 * hidden,
                    max_positions=f.int_or("seq_length", default=None))
 

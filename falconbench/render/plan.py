@@ -66,10 +66,12 @@ def _caption(rows: Sequence[PlanRow]) -> str:
 
 
 def placement_line(model: str, dtype: str, placement) -> str:
-    """Where a device map puts one model's layers in one scheme: layers and weight bytes per device."""
+    """Where a device map puts one model's layers in one scheme: layers and weight bytes per device, and whether
+    `run` will refuse the split."""
     where = " · ".join(f"{device} {placement.layers.get(device, 0)} layers, {format_bytes(size)}"
                        for device, size in placement.weights_bytes.items())
-    return f"{model} {dtype} under --device-map {placement.device_map}: {where}"
+    refused = f" (run refuses: {placement.refused})" if placement.refused else ""
+    return f"{model} {dtype} under --device-map {placement.device_map}: {where}{refused}"
 
 
 def placement_lines(rows: Sequence[PlanRow]) -> list[str]:

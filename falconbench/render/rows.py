@@ -180,7 +180,9 @@ def caption_lines(comparison: Comparison) -> list[str]:
         lines.append("Placement: decoder layers per device, read from the loaded model's hf_device_map (transformers' "
                      "device map under --max-memory). Layers on the CPU beside a GPU are copied to it at every step, "
                      "layers on disk are read from disk at every step: the cost is the Decode tok/s of a split row "
-                     "against a row all on one device. Weights counts every weight wherever it is.")
+                     "against a row all on one device. Weights counts every weight wherever it is. Bound and Share "
+                     "assume every weight in memory: a split row's are against the memory copy bandwidth, not the "
+                     "slower copies to the GPU or reads from disk that bound it.")
     references = sorted({r.reference for r in rows if r.reference})
     if references:
         lines.append(f"Quality against {', '.join(references)}, once per scheme: Δ PPL % is (perplexity − the "

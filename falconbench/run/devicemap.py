@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..placement import DISK, CPU, Placement, accelerate_key, device_label, plan_placement
+from ..placement import CPU, Placement, accelerate_key, device_label, plan_placement
 from .config import RunConfig
 
 OFFLOAD_FOLDER = "offload"  # inside the run's output folder, unless --offload-folder says otherwise
@@ -33,17 +33,14 @@ def planned_placement(config: RunConfig, spec) -> Placement | None:
 
 
 def check_placement(config: RunConfig, placement: Placement | None) -> None:
-    """Refuse before any worker starts what transformers would refuse at load: bitsandbytes' schemes with layers
-    on the CPU or disk beside other devices (`validate_environment`: only `llm_int8_enable_fp32_cpu_offload`, which
-    keeps the offloaded layers unquantized, allows it)."""
-    if placement is None or not config.scheme.quantized:
+    """Refuse before any worker starts what transformers would refuse at load (`placement.load_refusal`)."""
+    if placement is None or not placement.refused:
         return
-    devices = {label for label, n in placement.params.items() if n}
-    if devices != {CPU} and devices & {CPU, DISK}:
-        where = " · ".join(f"{label} {n}" for label, n in placement.layers.items())
-        raise UsageError(f"{config.dtype} under --device-map {config.device_map} puts layers on {where}: "
-                         "transformers refuses bitsandbytes layers on the CPU or disk beside a GPU or the disk. Give "
-                         "the GPUs more --max-memory, or measure a float scheme (bf16, fp16) with offload")
+    where = " · ".join(f"{label} {n}" for label, n in placement.layers.items())
+    raise UsageError(f"{config.dtype} under --device-map {config.device_map} puts layers on {where}: "
+                     f"transformers refuses {placement.refused} (it loads them wholly on the CPU or on GPUs only). "
+                     "Give the GPUs more "
+                     "--max-memory, or measure a float scheme (bf16, fp16) with offload")
 
 
 def from_pretrained_kwargs(config: RunConfig) -> dict[str, Any]:
