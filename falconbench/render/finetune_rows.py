@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..comparison import Comparison
+from ..finetune import COMPONENTS as PARTS
 from ..finetune import PHASES
 from ..finetune_results import COMPONENT_NAMES, COMPONENTS, PHASE_NAMES, FinetuneResult
 from .console import format_bytes, format_number, format_seconds, versus_plan
@@ -40,8 +41,7 @@ STEP_COLUMNS: tuple[Column, ...] = (
 )
 
 PEAK_HEADERS = {"forward": "Fwd", "backward": "Bwd", "optimizer": "Step"}
-SHORT_NAMES = dict(zip(COMPONENTS, ("Frozen", "Trainable", "Copies", "Grads", "Optimizer", "Activ.", "Recomp.",
-                                    "Logits", "Logits grad")))
+SHORT_NAMES = {c.name: c.short for c in PARTS}
 DELTA_COLUMNS: tuple[Column, ...] = tuple(
     (SHORT_NAMES[name], lambda r, n=name: versus_plan(r.measured.get(n), r.planned.get(n)), True)
     for name in COMPONENTS) + tuple(
