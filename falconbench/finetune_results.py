@@ -55,6 +55,12 @@ class FinetuneResult:
     steps: int | None = None
     warmup: int | None = None
     environment: dict[str, Any] = field(default_factory=dict, compare=False)
+    falconbench_version: str = ""  # of the falconbench that measured the row ("" in rows older than the field)
+
+    @property
+    def versions(self) -> dict[str, Any]:
+        """The environment's versions, falconbench's as the row recorded it where the environment has none."""
+        return {"falconbench": self.falconbench_version or None, **{k: v for k, v in self.environment.items() if v}}
 
     @property
     def setup(self) -> str:
@@ -106,6 +112,7 @@ def finetune_result(run: str, data: Mapping[str, Any]) -> FinetuneResult:
         notes=tuple(n for n in notes if isinstance(n, str)) if isinstance(notes, list) else (),
         steps=_int(settings.get("steps")), warmup=_int(settings.get("warmup")),
         environment=as_mapping(measured.get("environment")),
+        falconbench_version=data["falconbench_version"] if isinstance(data.get("falconbench_version"), str) else "",
     )
 
 

@@ -154,3 +154,16 @@ def test_a_cuda_row_compares_torch_s_peaks_with_the_plan_less_the_cuda_context()
     nvml = {"phases": {"backward": {"nvml_peak_used_bytes": 7, "torch_peak_allocated_bytes": 5}}}
     assert measured_phase_peaks(nvml) == ({"forward": None, "backward": 7, "optimizer": None},
                                           "NVML device use above the baseline")
+
+
+def test_a_row_s_falconbench_version_is_read_and_shown_where_its_environment_has_none():
+    from falconbench.comparison import Comparison
+    from falconbench.render.finetune_rows import finetune_caption_lines
+
+    row = raw_rows()[0]
+    assert "falconbench" not in row["measured"]["environment"] and "falconbench_version" not in row  # older rows
+    assert finetune_result("run", row).versions.get("falconbench") is None
+    shown = finetune_result("run", {**row, "falconbench_version": "9.9.9"})
+    assert shown.versions["falconbench"] == "9.9.9" and shown.versions["torch"] == row["measured"]["environment"]["torch"]
+    assert any("; falconbench 9.9.9, python" in line for line in finetune_caption_lines(Comparison((), (),
+                                                                                                     finetune=(shown,))))
