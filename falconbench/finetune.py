@@ -25,10 +25,10 @@ from typing import Iterable, Mapping
 from . import activations
 from .errors import UsageError
 from .planner import CUDA_CONTEXT_BYTES, DEVICES, check_positive, weights_bytes
+from .results import TASKS  # noqa: F401  (the CLI's --task choices: the results file's vocabulary)
 from .schemes import FP32, Scheme, get_scheme
 from .spec import ArchSpec, Linear
 
-TASKS: tuple[str, ...] = ("inference", "finetune")
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 METHOD_DTYPES: dict[str, tuple[str, ...]] = {"lora": ("bf16", "fp16", "fp32"), "qlora": ("nf4", "nf4-dq", "fp4"),
                                              "full": ("bf16", "fp16", "fp32")}

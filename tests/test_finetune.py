@@ -224,6 +224,21 @@ def test_finetune_rows_stay_out_of_the_inference_reader(tmp_path):
     assert [r.model for r in rows] == ["m"] and not problems
 
 
+def test_one_read_splits_a_results_file_by_task_and_reports_an_unknown_task(tmp_path):
+    from falconbench.results import TASKS, read_finetune_rows, read_results_file
+
+    path = tmp_path / "results.jsonl"
+    append_result(path, RunResult(model="m", dtype="bf16", status="ok"))
+    append_row(path, {"task": "finetune", "model": "f", "dtype": "bf16", "status": "ok"})
+    append_row(path, {"task": "pretrain", "model": "p", "dtype": "bf16", "status": "ok"})
+    read = read_results_file(path)
+    assert [r.model for r in read.inference] == ["m"] and [r["model"] for r in read.finetune] == ["f"]
+    assert [(p.line, p.reason) for p in read.problems] == [(3, "unknown task 'pretrain'; falconbench writes "
+                                                               "inference, finetune")]
+    assert read_results(path) == (read.inference, read.problems) and read_finetune_rows(tmp_path) == read.finetune
+    assert read_finetune_rows(tmp_path / "none") == [] and TASKS == ("inference", "finetune")
+
+
 def test_planning_a_finetune_never_imports_torch_or_peft():
     import subprocess
     import sys
