@@ -278,7 +278,7 @@ class FinetuneRow:
 
     @property
     def phase_peaks(self) -> dict[str, int]:
-        return phase_peak_bytes(asdict(self))
+        return phase_peak_bytes({c.name: getattr(self, c.name) for c in COMPONENTS})
 
     @property
     def total_bytes(self) -> int:
