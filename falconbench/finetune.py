@@ -74,7 +74,8 @@ class Optimizer:
 
 
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
-    Optimizer("adamw", 2, torch_adam=True, description="torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype"),
+    Optimizer("adamw", 2, torch_adam=True,
+              description="torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype"),
     Optimizer("adamw-8bit", 2, eight_bit=True, description="bitsandbytes AdamW8bit: blockwise 8-bit moments"),
     Optimizer("paged-adamw-8bit", 2, eight_bit=True, paged=True,
               description="bitsandbytes PagedAdamW8bit: 8-bit moments in CUDA managed memory"),

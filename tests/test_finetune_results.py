@@ -164,6 +164,7 @@ def test_a_row_s_falconbench_version_is_read_and_shown_where_its_environment_has
     assert "falconbench" not in row["measured"]["environment"] and "falconbench_version" not in row  # older rows
     assert finetune_result("run", row).versions.get("falconbench") is None
     shown = finetune_result("run", {**row, "falconbench_version": "9.9.9"})
-    assert shown.versions["falconbench"] == "9.9.9" and shown.versions["torch"] == row["measured"]["environment"]["torch"]
-    assert any("; falconbench 9.9.9, python" in line for line in finetune_caption_lines(Comparison((), (),
-                                                                                                     finetune=(shown,))))
+    assert shown.versions["falconbench"] == "9.9.9"
+    assert shown.versions["torch"] == row["measured"]["environment"]["torch"]
+    lines = finetune_caption_lines(Comparison((), (), finetune=(shown,)))
+    assert any("; falconbench 9.9.9, python" in line for line in lines)

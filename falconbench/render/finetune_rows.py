@@ -110,8 +110,8 @@ def finetune_caption_lines(comparison: Comparison) -> list[str]:
              "same batch of the shipped text.",
              f"Phase peaks: {', '.join(sources) or 'not measured'}; planned: what the plan says is alive then "
              "(forward: weights, optimizer states, saved activations, logits; backward: all but the optimizer step's "
-             "temporaries; optimizer step: weights, gradients, states and its temporaries). On CPU the resident set keeps freed pages, so it reads above a "
-             "phase's live tensors once an earlier phase was larger."]
+             "temporaries; optimizer step: weights, gradients, states and its temporaries). On CPU the resident set "
+             "keeps freed pages, so it reads above a phase's live tensors once an earlier phase was larger."]
     for run in dict.fromkeys(r.run for r in rows):
         same = [r for r in rows if r.run == run]
         first = same[0]
