@@ -3,7 +3,8 @@
 Exact (counted from the spec's layout): the frozen base weights in their scheme, the trainable parameters
 (r × (in + out) per targeted linear), their gradients, the optimizer states, the 16-bit weight copies of mixed
 precision and the adapter's tensor bytes on disk. Estimated (a formula, checked against `falconbench run --task
-finetune`): the activations saved for backward and the logits around the loss.
+finetune` or against torch itself): the optimizer step's temporaries, the activations saved for backward and the
+logits around the loss. COMPONENTS below is the one list of these components, their order and their names.
 
 What each method is, as `falconbench run --task finetune` runs it:
 - lora: the base in `--dtype` (bf16/fp16/fp32), frozen; peft adapters in fp32 (peft's `autocast_adapter_dtype`
@@ -24,10 +25,10 @@ from typing import Iterable, Mapping
 from . import activations
 from .errors import UsageError
 from .planner import CUDA_CONTEXT_BYTES, DEVICES, check_positive, weights_bytes
+from .results import TASKS  # noqa: F401  (the CLI's --task choices: the results file's vocabulary)
 from .schemes import FP32, Scheme, get_scheme
 from .spec import ArchSpec, Linear
 
-TASKS: tuple[str, ...] = ("inference", "finetune")
 METHODS: tuple[str, ...] = ("lora", "qlora", "full")
 METHOD_DTYPES: dict[str, tuple[str, ...]] = {"lora": ("bf16", "fp16", "fp32"), "qlora": ("nf4", "nf4-dq", "fp4"),
                                              "full": ("bf16", "fp16", "fp32")}
@@ -60,6 +61,7 @@ class Optimizer:
     moments: int  # state tensors per parameter tensor
     eight_bit: bool = False
     paged: bool = False
+    torch_adam: bool = False  # torch.optim.AdamW: its step allocates temporaries (step_temporary_bytes)
     description: str = ""
 
     def state_bytes(self, numel: int, param_bytes: int) -> int:
@@ -72,12 +74,35 @@ class Optimizer:
 
 
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
-    Optimizer("adamw", 2, description="torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype"),
+    Optimizer("adamw", 2, torch_adam=True,
+              description="torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype"),
     Optimizer("adamw-8bit", 2, eight_bit=True, description="bitsandbytes AdamW8bit: blockwise 8-bit moments"),
     Optimizer("paged-adamw-8bit", 2, eight_bit=True, paged=True,
               description="bitsandbytes PagedAdamW8bit: 8-bit moments in CUDA managed memory"),
     Optimizer("sgd", 0, description="torch.optim.SGD without momentum: no state"),
 )}
+
+
+def step_temporary_bytes(optimizer: Optimizer, sizes: list[int], param_bytes: int, device: str) -> int:
+    """The tensors `optimizer.step()` allocates beside the weights, gradients and state it updates (torch 2.13
+    optim/adam.py, which AdamW runs; fused is never its default: `_default_to_fused_or_foreach(..., use_fused=False)`).
+
+    - CUDA: the foreach implementation, the default for CUDA tensors, allocates `exp_avg_sq_sqrt =
+      torch._foreach_sqrt(device_exp_avg_sqs)`: one temporary per trainable tensor, all alive together until the
+      parameters' `_foreach_addcdiv_` (every other foreach call there works in place): one more moment's bytes.
+    - CPU: the single-tensor loop (foreach covers CUDA-like devices only, optimizer.py) computes `denom =
+      (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, holding one tensor's square root and quotient while
+      the previous tensor's `denom` is still bound: 2·s_i + s_(i−1) bytes at most, which this bounds by twice the
+      largest tensor plus the next largest (the parameters' order is the model's, not known here).
+
+    SGD without momentum (in-place `add_`) and bitsandbytes' 8-bit optimizers (one fused kernel per tensor) allocate
+    none. tests/test_finetune.py counts torch's live tensors during step() with foreach on and off against this."""
+    if not optimizer.torch_adam or not sizes:
+        return 0
+    if device == "cuda":
+        return sum(sizes) * param_bytes
+    largest = sorted(sizes, reverse=True)[:2]
+    return (2 * largest[0] + sum(largest[1:])) * param_bytes
 
 
 def get_optimizer(name: str) -> Optimizer:
@@ -242,6 +267,7 @@ class FinetuneRow:
     weight_copy_bytes: int
     gradient_bytes: int
     optimizer_bytes: int
+    step_temporary_bytes: int
     activation_bytes: int
     recompute_bytes: int
     logits_bytes: int
@@ -251,36 +277,68 @@ class FinetuneRow:
     task: str = "finetune"
     warnings: tuple[str, ...] = field(default=())
 
-    EXACT = ("frozen_weights_bytes", "trainable_bytes", "weight_copy_bytes", "gradient_bytes", "optimizer_bytes")
-    ESTIMATED = ("activation_bytes", "recompute_bytes", "logits_bytes", "logits_grad_bytes", "cuda_context_bytes")
+    @property
+    def phase_peaks(self) -> dict[str, int]:
+        return phase_peak_bytes({c.name: getattr(self, c.name) for c in COMPONENTS})
 
     @property
     def total_bytes(self) -> int:
-        """The peak: every component alive at the start of backward (saved activations, logits and their
-        gradient, the weights, gradients being filled, and the optimizer state kept from the last step)."""
-        return sum(getattr(self, name) for name in self.EXACT + self.ESTIMATED)
+        """The step's peak: the highest of its phases' (PHASE_COMPONENTS), the start of backward unless the
+        optimizer step's temporaries beside weights, gradients and state outgrow it."""
+        return max(self.phase_peaks.values())
 
     def as_dict(self) -> dict:
         row = asdict(self)
         row["lora_targets"] = list(self.lora_targets)
         row["warnings"] = list(self.warnings)
         row["total_bytes"] = self.total_bytes
-        row["phase_peak_bytes"] = phase_peak_bytes(row)
+        row["phase_peak_bytes"] = self.phase_peaks
         return row
+
+
+@dataclass(frozen=True)
+class Component:
+    """One part of a fine-tune's memory: its FinetuneRow field (and measured row key), the line the plan and the
+    report give it, the column header of the report's Δplan table, whether the plan counts it exactly, and whether
+    the report shows it per setup (the CUDA context is only ever measured inside a phase's peak)."""
+
+    name: str
+    label: str
+    short: str
+    exact: bool
+    reported: bool = True
+
+
+# In the order a step allocates them.
+COMPONENTS: tuple[Component, ...] = (
+    Component("frozen_weights_bytes", "Frozen weights", "Frozen", True),
+    Component("trainable_bytes", "Trainable params", "Trainable", True),
+    Component("weight_copy_bytes", "16-bit copies", "Copies", True),
+    Component("gradient_bytes", "Gradients", "Grads", True),
+    Component("optimizer_bytes", "Optimizer states", "Optimizer", True),
+    Component("step_temporary_bytes", "Step temporaries", "Step tmp", False),
+    Component("activation_bytes", "Activations", "Activ.", False),
+    Component("recompute_bytes", "Recompute", "Recomp.", False),
+    Component("logits_bytes", "Logits", "Logits", False),
+    Component("logits_grad_bytes", "Logits grad", "Logits grad", False),
+    Component("cuda_context_bytes", "CUDA context", "CUDA ctx", False, reported=False),
+)
+EXACT: tuple[str, ...] = tuple(c.name for c in COMPONENTS if c.exact)
+ESTIMATED: tuple[str, ...] = tuple(c.name for c in COMPONENTS if not c.exact)
 
 
 # A training step's phases, in the order they run (train/measure.py tracks each one's peak).
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
 # What is alive at each phase's peak, by FinetuneRow field: the forward ends holding the weights, the optimizer
 # state kept from the last step, the saved activations and the logits around the loss; backward starts with all
-# of it plus the logits' gradient and fills the gradients (the plan's total); the optimizer step holds weights,
-# gradients and state once the saved tensors are freed.
+# of it plus the logits' gradient and fills the gradients; the optimizer step holds weights, gradients, state and
+# its own temporaries once the saved tensors are freed. The plan's total is the highest of the three.
 PHASE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "forward": ("frozen_weights_bytes", "trainable_bytes", "weight_copy_bytes", "optimizer_bytes", "activation_bytes",
                 "logits_bytes", "cuda_context_bytes"),
-    "backward": FinetuneRow.EXACT + FinetuneRow.ESTIMATED,
+    "backward": tuple(name for name in EXACT + ESTIMATED if name != "step_temporary_bytes"),
     "optimizer": ("frozen_weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes",
-                  "cuda_context_bytes"),
+                  "step_temporary_bytes", "cuda_context_bytes"),
 }
 
 
@@ -314,6 +372,7 @@ def plan_finetune_point(spec: ArchSpec, setup: FinetuneSetup, device: str = "cud
         trainable_bytes=trainable * per_param, weight_copy_bytes=weight_copy_bytes(spec, setup),
         gradient_bytes=trainable * per_param,
         optimizer_bytes=sum(optimizer.state_bytes(n, per_param) for n in sizes),
+        step_temporary_bytes=step_temporary_bytes(optimizer, sizes, per_param, device),
         activation_bytes=activations.activation_bytes(spec, setup, device),
         recompute_bytes=activations.recompute_bytes(spec, setup, device),
         logits_bytes=logits, logits_grad_bytes=logits_grad,

@@ -1,8 +1,9 @@
 """`falconbench fit --task finetune`: which card each fine-tuning method needs, the longest sequence and the largest
 micro-batch per card, and a bound on training tokens/s, from the fine-tuning plan's bytes and FLOPs.
 
-The question per card is the planner's inequality (`planner.fits_on`): the plan's total (weights, trainable
-parameters, gradients, optimizer state, saved activations, logits, CUDA context) ≤ memory × (1 − margin).
+The question per card is the planner's inequality (`planner.fits_on`): the plan's total (the highest phase peak:
+weights, trainable parameters, gradients and optimizer state, with saved activations and logits at the start of
+backward or the optimizer step's temporaries during the step, and the CUDA context) ≤ memory × (1 − margin).
 The tokens/s bound is the lower of two ceilings: the card's compute peak over a step's FLOPs per token, and its
 memory bandwidth over the bytes a step moves per token. Training is usually compute-bound.
 """

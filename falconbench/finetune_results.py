@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .comparison import _int
+from . import finetune
 from .finetune import PHASES, phase_peak_bytes
 from .results import STATUSES, as_float, as_mapping
 
-# The components a fine-tuning row plans and measures, by the fields of FinetuneRow and of the measured row.
-COMPONENTS: tuple[str, ...] = ("frozen_weights_bytes", "trainable_bytes", "weight_copy_bytes", "gradient_bytes",
-                               "optimizer_bytes", "activation_bytes", "recompute_bytes", "logits_bytes",
-                               "logits_grad_bytes")
-COMPONENT_NAMES = dict(zip(COMPONENTS, ("Frozen weights", "Trainable params", "16-bit copies", "Gradients",
-                                        "Optimizer states", "Activations", "Recompute", "Logits", "Logits grad")))
+# The components the report shows per setup, by the fields of FinetuneRow and of the measured row (finetune.py's).
+COMPONENTS: tuple[str, ...] = tuple(c.name for c in finetune.COMPONENTS if c.reported)
+COMPONENT_NAMES = {c.name: c.label for c in finetune.COMPONENTS}
 PHASE_NAMES = {"forward": "forward", "backward": "backward", "optimizer": "optimizer step"}
 
 
@@ -57,6 +55,12 @@ class FinetuneResult:
     steps: int | None = None
     warmup: int | None = None
     environment: dict[str, Any] = field(default_factory=dict, compare=False)
+    falconbench_version: str = ""  # of the falconbench that measured the row ("" in rows older than the field)
+
+    @property
+    def versions(self) -> dict[str, Any]:
+        """The environment's versions, falconbench's as the row recorded it where the environment has none."""
+        return {"falconbench": self.falconbench_version or None, **{k: v for k, v in self.environment.items() if v}}
 
     @property
     def setup(self) -> str:
@@ -81,10 +85,10 @@ def finetune_result(run: str, data: Mapping[str, Any]) -> FinetuneResult:
                          f"({', '.join(STATUSES)})")
     planned, measured = as_mapping(data.get("planned")), as_mapping(data.get("measured"))
     settings = as_mapping(data.get("settings"))
-    plan_components = {name: _int(planned.get(name)) for name in COMPONENTS + ("cuda_context_bytes",)}
+    plan_components = {c.name: _int(planned.get(c.name)) for c in finetune.COMPONENTS}
     peaks, source = measured_phase_peaks(as_mapping(measured.get("memory")))
     context = plan_components["cuda_context_bytes"] or 0
-    planned_peaks = phase_peak_bytes(plan_components) if None not in plan_components.values() else {}
+    planned_peaks = planned_phase_peaks(planned, plan_components)
     if source.startswith("torch"):  # torch's counters leave the CUDA context out: so does the plan beside them
         planned_peaks = {phase: value - context for phase, value in planned_peaks.items()}
     losses, notes = measured.get("losses"), measured.get("notes")
@@ -108,7 +112,20 @@ def finetune_result(run: str, data: Mapping[str, Any]) -> FinetuneResult:
         notes=tuple(n for n in notes if isinstance(n, str)) if isinstance(notes, list) else (),
         steps=_int(settings.get("steps")), warmup=_int(settings.get("warmup")),
         environment=as_mapping(measured.get("environment")),
+        falconbench_version=data["falconbench_version"] if isinstance(data.get("falconbench_version"), str) else "",
     )
+
+
+def planned_phase_peaks(planned: Mapping[str, Any], components: Mapping[str, int | None]) -> dict[str, int]:
+    """The plan's phase peaks as the row recorded them; a row from before they were recorded, from its components
+    (a component that plan did not know, e.g. step_temporary_bytes, counts as what it counted: nothing)."""
+    recorded = as_mapping(planned.get("phase_peak_bytes"))
+    if all(isinstance(recorded.get(p), int) for p in PHASES):
+        return {p: recorded[p] for p in PHASES}
+    components = dict(components)
+    if "step_temporary_bytes" not in planned:
+        components["step_temporary_bytes"] = 0
+    return phase_peak_bytes(components) if None not in components.values() else {}
 
 
 def measured_phase_peaks(memory: Mapping[str, Any]) -> tuple[dict[str, int | None], str]:

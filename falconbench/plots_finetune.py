@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from .comparison import Comparison
 
 # Okabe & Ito's palette (as plots.SCHEME_COLORS) and a grey: one colour per component of a training step.
-COMPONENT_COLORS = dict(zip(COMPONENTS, ("#999999", "#0072B2", "#56B4E9", "#E69F00", "#D55E00", "#009E73",
-                                         "#CC79A7", "#F0E442", "#000000")))
+COMPONENT_COLORS = {"frozen_weights_bytes": "#999999", "trainable_bytes": "#0072B2", "weight_copy_bytes": "#56B4E9",
+                    "gradient_bytes": "#E69F00", "optimizer_bytes": "#D55E00", "step_temporary_bytes": "#8C510A",
+                    "activation_bytes": "#009E73", "recompute_bytes": "#CC79A7", "logits_bytes": "#F0E442",
+                    "logits_grad_bytes": "#000000"}
 PLANNED_ALPHA = 0.4
 PHASE_MARKERS = dict(zip(PHASES, ("v", "^", "s")))
 

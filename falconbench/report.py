@@ -1,7 +1,7 @@
 """`falconbench report`: one or several runs side by side, as files a person can read.
 
-Each run's results.jsonl is read with `read_results` (invalid lines become problems, never exceptions), every
-valid row becomes a `SchemeRow` in raw units, the planner adds memory-against-context curves, and
+Each run's results.jsonl is read once with `read_results_file` (invalid lines become problems, never exceptions),
+every valid row becomes a `SchemeRow` in raw units, the planner adds memory-against-context curves, and
 `write_report` writes report.md, report.csv, report.html and the PNG plots atomically into the output folder.
 """
 
@@ -16,8 +16,8 @@ from .comparison import Comparison, ContextCurve, PointCurve, RunInfo, SchemeRow
 from .errors import FalconbenchError, ResultsError
 from .gpus import GPU, gpu_profiles
 from .plots import PLOT_FILES
-from .results import (RESULTS_FILE, RunResult, as_mapping, environment_name, latest_rows, read_finetune_rows,
-                      read_results, write_atomic)
+from .results import (RESULTS_FILE, RunResult, as_mapping, environment_name, latest_rows, read_results_file,
+                      write_atomic)
 
 REPORT_FILES = ("report.md", "report.csv", "report.html")
 # GPUs drawn as capacity lines on the context plot: one per common memory size (16, 24, 40, 80 GB).
@@ -53,9 +53,9 @@ def load_comparison(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
     paths = [Path(d) for d in run_dirs]
     runs = []
     for path, name in zip(paths, _run_names(paths)):
-        results, problems = read_results(path)
-        runs.append((name, str(path), _run_folder(path), latest_rows(results),
-                     [f"invalid row skipped: {p}" for p in problems], read_finetune_rows(path)))
+        read = read_results_file(path)
+        runs.append((name, str(path), _run_folder(path), latest_rows(read.inference),
+                     [f"invalid row skipped: {p}" for p in read.problems], read.finetune))
     return comparison_of(runs)
 
 

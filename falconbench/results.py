@@ -221,12 +221,30 @@ class ReadProblem:
         return f"{self.path}:{self.line}: {self.reason}"
 
 
-def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
-    """Every valid row of a results.jsonl, and a problem for each line that is not one (never raises on content)."""
+# A row's "task": one vocabulary for the whole results file. A row without one is an inference row (files from
+# before fine-tuning); any other value is reported as a read problem, never dropped in silence.
+INFERENCE_TASK = "inference"
+FINETUNE_TASK = "finetune"
+TASKS: tuple[str, ...] = (INFERENCE_TASK, FINETUNE_TASK)
+
+
+@dataclass(frozen=True)
+class ResultsFile:
+    """A results.jsonl read once: its inference rows, its fine-tuning rows (as dicts, in file order; the report's
+    finetune_results reads them) and a problem for each line that is neither."""
+
+    inference: list[RunResult]
+    finetune: list[dict[str, Any]]
+    problems: list[ReadProblem]
+
+
+def read_results_file(path: Path) -> ResultsFile:
+    """Every valid row of a results.jsonl by task, and a problem for each line that is not one (never raises on
+    content)."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    rows, problems = [], []
+    rows, finetune, problems = [], [], []
     with open_regular(path, f"Pass a run folder or its {RESULTS_FILE}") as handle:
         for number, line in enumerate(bounded_lines(handle), start=1):
             if line is None:
@@ -235,9 +253,14 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
             elif line.strip():
                 try:
                     data = json.loads(line.rstrip(b"\r\n").decode("utf-8", errors="replace"))
-                    if isinstance(data, dict) and data.get("task", "inference") != "inference":
-                        continue  # a fine-tuning row (falconbench.train.sweep reads those)
-                    rows.append(RunResult.from_dict(data))
+                    task = data.get("task", INFERENCE_TASK) if isinstance(data, dict) else INFERENCE_TASK
+                    if task == FINETUNE_TASK:
+                        finetune.append(data)
+                    elif task == INFERENCE_TASK:
+                        rows.append(RunResult.from_dict(data))
+                    else:
+                        problems.append(ReadProblem(str(path), number, f"unknown task {task!r}; falconbench writes "
+                                                                        f"{', '.join(TASKS)}"))
                 except json.JSONDecodeError as exc:
                     problems.append(ReadProblem(str(path), number, f"not valid JSON ({exc.msg}: column {exc.colno}); "
                                                                     "truncated write?"))
@@ -245,29 +268,20 @@ def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
                     problems.append(ReadProblem(str(path), number, "not a results row: JSON nested too deeply"))
                 except (TypeError, ValueError) as exc:
                     problems.append(ReadProblem(str(path), number, f"not a results row: {exc}"))
-    return rows, problems
+    return ResultsFile(rows, finetune, problems)
 
 
-FINETUNE_TASK = "finetune"
+def read_results(path: Path) -> tuple[list[RunResult], list[ReadProblem]]:
+    """The inference rows of a results.jsonl, and every line's problem (read_results_file's)."""
+    read = read_results_file(path)
+    return read.inference, read.problems
 
 
 def read_finetune_rows(path: Path) -> list[dict[str, Any]]:
-    """The fine-tuning rows (`"task": "finetune"`) of a results.jsonl, as dicts in file order; a folder without
-    the file has none. Lines that are not valid JSON are `read_results`' to report."""
+    """The fine-tuning rows of a results.jsonl (read_results_file's); a folder without the file has none."""
     path = Path(path)
     path = path / RESULTS_FILE if path.is_dir() else path
-    if not path.is_file():
-        return []
-    rows = []
-    with open_regular(path, f"Pass a run folder or its {RESULTS_FILE}") as handle:
-        for line in bounded_lines(handle):
-            try:
-                data = json.loads(line.decode("utf-8", errors="replace")) if line and line.strip() else None
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(data, dict) and data.get("task") == FINETUNE_TASK:
-                rows.append(data)
-    return rows
+    return read_results_file(path).finetune if path.is_file() else []
 
 
 def open_regular(path: Path, how_to_fix: str):

@@ -8,7 +8,7 @@ import pytest
 from falconbench.cli import cli
 from falconbench.errors import UsageError
 from falconbench.finetune import (OPTIMIZERS, PEFT_DEFAULT_TARGETS, FinetuneSetup, full_tensor_sizes,
-                                  plan_finetune_point, targeted_linears)
+                                  plan_finetune_point, step_temporary_bytes, targeted_linears)
 from falconbench.results import RunResult, append_result, append_row, read_results
 from falconbench.sources import resolve_model
 from falconbench.spec import spec_from_config
@@ -79,6 +79,61 @@ def test_eight_bit_and_sgd_states():
     assert plan_finetune_point(FALCON_7B, FinetuneSetup(optimizer="sgd")).optimizer_bytes == 0
 
 
+def step_live_bytes(make_optimizer, shapes) -> int:
+    """The most bytes of tensors torch allocates at once inside the second optimizer.step() (the first creates
+    the state), counting none of the parameters, gradients and state it updates in place."""
+    import torch
+
+    from falconbench.run.live_tensors import LiveTensorPeak
+
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    peak = LiveTensorPeak()
+    existing = params + [p.grad for p in params] + [t for s in optimizer.state.values() for t in s.values()]
+    peak.seen.update(t.untyped_storage().data_ptr() for t in existing)  # in place: not new
+    with peak:
+        optimizer.step()
+    return peak.peak
+
+
+@pytest.mark.parametrize("shapes", [[(64, 32), (300,), (128, 64), (7,)], [(128, 64), (7,), (300,), (64, 32)],
+                                    [(48, 48), (64, 96), (5,)]])
+def test_step_temporaries_are_what_torch_allocates_in_adamw_step(shapes):
+    import math
+
+    import torch
+
+    sizes = [math.prod(s) for s in shapes]
+    adamw = OPTIMIZERS["adamw"]
+    # foreach (CUDA's default; forced here on CPU): every second moment's square root at once, exactly.
+    foreach = step_live_bytes(lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), shapes)
+    assert foreach == step_temporary_bytes(adamw, sizes, 4, "cuda") == 4 * sum(sizes)
+    # single-tensor (CPU's default): one tensor's sqrt and quotient beside the previous one's denom, bounded;
+    # exact when the second largest tensor comes just before the largest.
+    single = step_live_bytes(lambda p: torch.optim.AdamW(p, lr=1e-3), shapes)
+    assert single == step_live_bytes(lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False), shapes)
+    planned = step_temporary_bytes(adamw, sizes, 4, "cpu")
+    largest = sizes.index(max(sizes))
+    assert single <= planned and (single == planned) == (largest > 0 and sizes[largest - 1] == sorted(sizes)[-2])
+    # SGD without momentum updates in place.
+    assert step_live_bytes(lambda p: torch.optim.SGD(p, lr=1e-3), shapes) == 0
+    assert step_temporary_bytes(OPTIMIZERS["sgd"], sizes, 4, "cuda") == 0
+
+
+def test_the_optimizer_step_s_temporaries_can_set_the_total():
+    full = plan_finetune_point(FALCON_7B, FinetuneSetup("full", "bf16", seq_len=512))
+    assert full.step_temporary_bytes == full.trainable_bytes  # foreach: one more fp32 moment's bytes
+    assert full.total_bytes == full.phase_peaks["optimizer"] > full.phase_peaks["backward"]
+    cpu = plan_finetune_point(FALCON_7B, FinetuneSetup("full", "bf16", seq_len=512), device="cpu")
+    assert cpu.step_temporary_bytes == 4 * (2 * FALCON_7B.embedding_params + max(
+        n for n in full_tensor_sizes(FALCON_7B)[1:]))
+    eight = plan_finetune_point(FALCON_7B, FinetuneSetup("full", "bf16", optimizer="adamw-8bit"))
+    assert eight.step_temporary_bytes == 0
+
+
 def test_checkpointing_keeps_about_one_layer_input_per_layer():
     for method in ("lora", "qlora", "full"):
         setup = FinetuneSetup(method, seq_len=512, batch=2)
@@ -130,7 +185,11 @@ def test_plan_json_rows_carry_task_method_and_components(invoke):
     for row in rows:
         parts = ("frozen_weights_bytes", "trainable_bytes", "weight_copy_bytes", "gradient_bytes", "optimizer_bytes",
                  "activation_bytes", "recompute_bytes", "logits_bytes", "logits_grad_bytes", "cuda_context_bytes")
-        assert row["total_bytes"] == sum(row[p] for p in parts)
+        assert row["phase_peak_bytes"]["backward"] == sum(row[p] for p in parts)
+        step = ("frozen_weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "step_temporary_bytes",
+                "cuda_context_bytes")
+        assert row["phase_peak_bytes"]["optimizer"] == sum(row[p] for p in step)
+        assert row["total_bytes"] == max(row["phase_peak_bytes"].values())
     assert rows[0]["trainable_params"] == 4_718_592 and rows[2]["adapter_bytes"] is None
 
 
@@ -163,6 +222,21 @@ def test_finetune_rows_stay_out_of_the_inference_reader(tmp_path):
     append_row(path, {"task": "finetune", "model": "m", "dtype": "bf16", "status": "ok"})
     rows, problems = read_results(path)
     assert [r.model for r in rows] == ["m"] and not problems
+
+
+def test_one_read_splits_a_results_file_by_task_and_reports_an_unknown_task(tmp_path):
+    from falconbench.results import TASKS, read_finetune_rows, read_results_file
+
+    path = tmp_path / "results.jsonl"
+    append_result(path, RunResult(model="m", dtype="bf16", status="ok"))
+    append_row(path, {"task": "finetune", "model": "f", "dtype": "bf16", "status": "ok"})
+    append_row(path, {"task": "pretrain", "model": "p", "dtype": "bf16", "status": "ok"})
+    read = read_results_file(path)
+    assert [r.model for r in read.inference] == ["m"] and [r["model"] for r in read.finetune] == ["f"]
+    assert [(p.line, p.reason) for p in read.problems] == [(3, "unknown task 'pretrain'; falconbench writes "
+                                                               "inference, finetune")]
+    assert read_results(path) == (read.inference, read.problems) and read_finetune_rows(tmp_path) == read.finetune
+    assert read_finetune_rows(tmp_path / "none") == [] and TASKS == ("inference", "finetune")
 
 
 def test_planning_a_finetune_never_imports_torch_or_peft():

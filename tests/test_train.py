@@ -88,6 +88,10 @@ def test_run_task_finetune_prints_the_report_s_view_writes_rows_and_resumes(tiny
     assert resumed.exit_code == 0 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
     rows = json.loads(resumed.stdout)
     assert len(rows) == 1 and rows[0]["task"] == "finetune" and rows[0]["status"] == "ok", rows
+    from falconbench import __version__
+
+    assert rows[0]["falconbench_version"] == __version__  # as inference rows record it
+    assert f"falconbench {__version__}" in result.stdout  # the report's settings line says it
     measured, plan = rows[0]["measured"], rows[0]["planned"]
     assert measured["trainable_params"] == plan["trainable_params"] and len(measured["step_seconds"]) == 2
     assert measured["peak_memory_bytes"] > 0 and set(measured["memory"]["phases"]) == {"forward", "backward",

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..finetune import FinetuneRow, phase_peak_bytes
+from ..finetune import COMPONENTS, PHASES, FinetuneRow
 from ..finetune_results import PHASE_NAMES
 from ..finetune_fit import FinetuneFitResult, FinetuneFitRow
 from .console import Col, Grid, format_bytes, to_csv, to_json, to_markdown
-
-# (header, FinetuneRow field) per component, in the order a step allocates them.
-COMPONENTS = (("Frozen weights", "frozen_weights_bytes"), ("Trainable", "trainable_bytes"),
-              ("16-bit copies", "weight_copy_bytes"), ("Gradients", "gradient_bytes"),
-              ("Optimizer", "optimizer_bytes"), ("Activations*", "activation_bytes"),
-              ("Recompute*", "recompute_bytes"), ("Logits*", "logits_bytes"), ("Logits grad*", "logits_grad_bytes"),
-              ("CUDA ctx*", "cuda_context_bytes"))
 
 
 def _column(row: FinetuneRow) -> str:
@@ -25,12 +18,13 @@ def _column(row: FinetuneRow) -> str:
 
 def _plan_lines(rows: Sequence[FinetuneRow]) -> list[list[str]]:
     """Components as lines, one column per plan row."""
-    lines = [["Trainable params"] + [f"{r.trainable_params:,}" for r in rows]]
-    lines += [[header] + [format_bytes(getattr(r, name)) for r in rows] for header, name in COMPONENTS]
-    lines.append(["Total"] + [format_bytes(r.total_bytes) for r in rows])
-    peaks = [phase_peak_bytes(r.as_dict()) for r in rows]
-    for phase in ("forward", "optimizer"):  # backward's is the total
+    lines = [["Parameters trained"] + [f"{r.trainable_params:,}" for r in rows]]
+    lines += [[c.label + ("" if c.exact else "*")] + [format_bytes(getattr(r, c.name)) for r in rows]
+              for c in COMPONENTS]
+    peaks = [r.phase_peaks for r in rows]
+    for phase in PHASES:
         lines.append([f"Peak: {PHASE_NAMES[phase]}"] + [format_bytes(p[phase]) for p in peaks])
+    lines.append(["Total"] + [format_bytes(r.total_bytes) for r in rows])
     lines.append(["Adapter on disk"] + [format_bytes(r.adapter_bytes) if r.adapter_bytes is not None else "-"
                                         for r in rows])
     return lines
@@ -42,11 +36,12 @@ def plan_table(rows: Sequence[FinetuneRow]) -> Grid:
     return Grid(columns, _plan_lines(rows), title="falconbench plan --task finetune", caption=PLAN_CAPTION)
 
 
-PLAN_CAPTION = ("Weights, trainable parameters, gradients, optimizer state and 16-bit copies are exact; *activations "
-                "saved for backward (Korthikanti et al. 2022, term by term), the layer a checkpointed backward "
-                "recomputes, the logits around the loss and the CUDA context are estimates. Total: all alive at the "
-                "start of backward, the step's peak; the forward's and the optimizer step's peaks: what is alive "
-                "then. Adapter: its tensor bytes on disk (the safetensors file adds its header).")
+PLAN_CAPTION = ("Weights, trainable parameters, gradients, optimizer state and 16-bit copies are exact; *the "
+                "optimizer step's temporaries (torch AdamW: foreach's square roots of every second moment on CUDA, "
+                "one tensor's at a time on CPU), activations saved for backward (Korthikanti et al. 2022, term by "
+                "term), the layer a checkpointed backward recomputes, the logits around the loss and the CUDA "
+                "context are estimates. Each phase's peak: what is alive then; Total: the highest, the step's peak. "
+                "Adapter: its tensor bytes on disk (the safetensors file adds its header).")
 
 
 def plan_markdown(rows: Sequence[FinetuneRow]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..comparison import Comparison
+from ..finetune import COMPONENTS as PARTS
 from ..finetune import PHASES
 from ..finetune_results import COMPONENT_NAMES, COMPONENTS, PHASE_NAMES, FinetuneResult
 from .console import format_bytes, format_number, format_seconds, versus_plan
@@ -40,8 +41,7 @@ STEP_COLUMNS: tuple[Column, ...] = (
 )
 
 PEAK_HEADERS = {"forward": "Fwd", "backward": "Bwd", "optimizer": "Step"}
-SHORT_NAMES = dict(zip(COMPONENTS, ("Frozen", "Trainable", "Copies", "Grads", "Optimizer", "Activ.", "Recomp.",
-                                    "Logits", "Logits grad")))
+SHORT_NAMES = {c.name: c.short for c in PARTS}
 DELTA_COLUMNS: tuple[Column, ...] = tuple(
     (SHORT_NAMES[name], lambda r, n=name: versus_plan(r.measured.get(n), r.planned.get(n)), True)
     for name in COMPONENTS) + tuple(
@@ -109,14 +109,14 @@ def finetune_caption_lines(comparison: Comparison) -> list[str]:
              "adapter_model.safetensors, the file less its header. Loss: the first step's and the last's, on the "
              "same batch of the shipped text.",
              f"Phase peaks: {', '.join(sources) or 'not measured'}; planned: what the plan says is alive then "
-             "(forward: weights, optimizer states, saved activations, logits; backward: the plan's total; optimizer "
-             "step: weights, gradients, states). On CPU the resident set keeps freed pages, so it reads above a "
-             "phase's live tensors once an earlier phase was larger."]
+             "(forward: weights, optimizer states, saved activations, logits; backward: all but the optimizer step's "
+             "temporaries; optimizer step: weights, gradients, states and its temporaries). On CPU the resident set "
+             "keeps freed pages, so it reads above a phase's live tensors once an earlier phase was larger."]
     for run in dict.fromkeys(r.run for r in rows):
         same = [r for r in rows if r.run == run]
         first = same[0]
-        versions = ", ".join(f"{name} {first.environment[name]}" for name in VERSIONS + ("peft",)
-                             if first.environment.get(name))
+        versions = ", ".join(f"{name} {first.versions[name]}" for name in VERSIONS + ("peft",)
+                             if first.versions.get(name))
         lines.append(f"{run}: {first.steps} timed step(s) after {first.warmup} warmup step(s) per setup"
                      + (f"; {versions}" if versions else ""))
     lines += [f"{r.setup}: {r.status}: {r.error}" for r in rows if r.error]

@@ -39,6 +39,7 @@ def config_hash(model_sha: str, setup: FinetuneSetup, settings: StepSettings) ->
 def run_finetune(model: str, setups: Sequence[FinetuneSetup], settings: StepSettings, output: Path | None = None,
                  resume: bool = False, on_row: OnRow | None = None) -> FinetuneOutcome:
     """Measure each setup in a fresh process; the Python API of `run --task finetune`."""
+    from .. import __version__  # here: the package's __init__ imports the API before it sets its version
     from ..data import EVAL_TEXT
     from ..run.config import default_output_dir
     from ..run.orchestrator import zoo_folder
@@ -71,7 +72,8 @@ def run_finetune(model: str, setups: Sequence[FinetuneSetup], settings: StepSett
         row = {"task": TASK, "model": source.name, "dtype": setup.dtype, "status": message["status"],
                "error": message["error"], "device": settings.device, "config_hash": key,
                "settings": {**asdict(setup), **asdict(settings)}, "planned": planned.as_dict(),
-               "measured": message["fields"], "timestamp": datetime.now(timezone.utc).isoformat()}
+               "measured": message["fields"], "falconbench_version": __version__,
+               "timestamp": datetime.now(timezone.utc).isoformat()}
         append_row(output_dir / RESULTS_FILE, row)
         if on_row is not None:
             on_row(row)
