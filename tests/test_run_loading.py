@@ -143,6 +143,20 @@ def test_a_phase_value_missing_a_figure_fails_where_it_is_built():
         SpeedMeasurement(**figures)
 
 
+def test_an_ok_row_missing_a_measurement_fails_where_the_row_is_built():
+    """A row said to be ok must carry what makes it ok: build_row refuses one without its speed (or load), so the
+    mistake surfaces in the one place rows are built, not as blank cells in a report."""
+    from falconbench.results import RunResult
+    from falconbench.run.measurement import Measurement, build_row
+
+    base = RunResult(model="m", dtype="bf16", status="error")
+    assert build_row(base, "oom", "ran out", Measurement({}, {})).status == "oom"  # a failure may lack them
+    with pytest.raises(ValueError, match="its load is missing"):
+        build_row(base, "ok", None, Measurement({}, {}))
+    with pytest.raises(ValueError, match="its measurement is missing"):
+        build_row(base, "ok", None, None)
+
+
 def test_cpu_4bit_shape_check_names_the_layer():
     loading.check_cpu_4bit_shapes([("h.0.mlp.up", 64), ("h.0.attn.qkv", 4672)])
     with pytest.raises(RunError, match=r"multiple of 32.*not: h\.0\.attn\.qkv \(100 outputs\)\. .*on CUDA"):

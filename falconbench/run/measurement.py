@@ -76,6 +76,9 @@ class Measurement:
 def build_row(base: RunResult, status: str, error: str | None, measured: Measurement | None) -> RunResult:
     """The planned row completed with what was measured: the one place a row's measured fields are set."""
     values: dict[str, Any] = {"status": status, "error": error, "timestamp": now()}
+    if status == "ok" and (measured is None or measured.load is None or measured.speed is None):
+        missing = "measurement" if measured is None else "load" if measured.load is None else "speed"
+        raise ValueError(f"an ok row needs its load and speed measurements; its {missing} is missing")
     if measured is None:
         return replace(base, **values)
     memory: dict[str, Any] = dict(measured.tracker)
