@@ -84,6 +84,7 @@ class RunResult:
     @property
     def planned_total_bytes(self) -> int | None:
         return as_mapping(self.plan).get("total_bytes")
+
     def expected_hash(self) -> str:
         """The configuration hash this row's own dtype and settings give (see settings_hash)."""
         return settings_hash(self.dtype, self.settings)

@@ -177,16 +177,21 @@ def machine_output(fmt: str, outcome) -> str:
     from ..render import report as report_render
     from ..report import load_comparison
 
-    comparison = load_comparison([outcome.output_dir])
-    return report_render.report_csv(comparison) if fmt == "csv" else report_render.report_markdown(comparison)
+    return report_render.comparison_text(fmt, load_comparison([outcome.output_dir]))
 
 
 def print_comparison(fmt: str, outcome) -> None:
     """The run's comparison as tables, CSV or Markdown: the report's own view of the same rows."""
-    from ..render import report as report_render
     from ..report import load_comparison
 
-    if fmt in ("csv", "markdown"):
-        click.echo(machine_output(fmt, outcome), nl=False)
+    show_comparison(fmt, load_comparison([outcome.output_dir]))
+
+
+def show_comparison(fmt: str, comparison) -> None:
+    """A comparison as `report` prints it (table), or as report.csv's / report.md's text (csv, markdown)."""
+    from ..render import report as report_render
+
+    if fmt == "table":
+        report_render.print_comparison(comparison)
     else:
-        report_render.print_comparison(load_comparison([outcome.output_dir]))
+        click.echo(report_render.comparison_text(fmt, comparison), nl=False)

@@ -11,12 +11,12 @@ from .finetune import setups_from_options
 def run_finetune_command(model, dtypes, device, repeats, warmup, batch, output, resume, methods, lora_r,
                          lora_targets, seq_lens, optimizer, gradient_checkpointing, fmt) -> None:
     from ..render import finetune as render
-    from ..render import report as report_render
     from ..report import finetune_comparison
     from ..run.orchestrator import resolve_device
     from ..train.measure import StepSettings
     from ..train.sweep import run_finetune
     from .models import convert_bundled
+    from .run import show_comparison
 
     setups = setups_from_options(methods, dtypes, lora_r, lora_targets, seq_lens, [batch], optimizer,
                                  gradient_checkpointing)
@@ -31,10 +31,5 @@ def run_finetune_command(model, dtypes, device, repeats, warmup, batch, output, 
     if fmt == "json":
         click.echo(render.run_json(outcome.rows))
     elif outcome.rows:  # the fine-tuning view `falconbench report` prints, of the same rows
-        comparison = finetune_comparison(outcome.output_dir, outcome.rows)
-        if fmt == "table":
-            report_render.print_comparison(comparison)
-        else:
-            click.echo((report_render.report_csv if fmt == "csv" else report_render.report_markdown)(comparison),
-                       nl=False)
+        show_comparison(fmt, finetune_comparison(outcome.output_dir, outcome.rows))
     err_console().print(f"Results appended to {outcome.results_path}", markup=False, highlight=False, soft_wrap=True)

@@ -128,6 +128,11 @@ def report_csv(comparison: Comparison) -> str:
     return to_csv(rows, fields)
 
 
+def comparison_text(fmt: str, comparison: Comparison) -> str:
+    """report.csv's text (`csv`) or report.md's (`markdown`) for a comparison: what `run --format` prints."""
+    return report_csv(comparison) if fmt == "csv" else report_markdown(comparison)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
 table { border-collapse: collapse; font-size: 0.9rem; margin: 1rem 0; }
