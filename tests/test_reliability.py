@@ -434,7 +434,7 @@ def faulty_sweep(tmp_path_factory, tiny_falcon_dir, tiny_falcon_config):
 def test_a_worker_out_of_memory_is_oom_and_keeps_its_plan(faulty_sweep):
     rows, _, _ = faulty_sweep
     assert rows[0].status == "oom", rows[0].error
-    assert re.search(r"MemoryError|can't allocate memory", rows[0].error)
+    assert re.search(r"MemoryError|can't allocate memory|Cannot allocate memory", rows[0].error)  # torch, or mmap
     assert rows[0].planned_weights_bytes > 0
 
 

@@ -178,6 +178,8 @@ def test_out_of_memory_is_told_apart_from_other_errors():
     assert worker.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                       "memory: you tried to allocate 1099511627776 bytes"))
     assert worker.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert worker.is_oom(RuntimeError("unable to mmap 756816 bytes from file <model.safetensors>: Cannot allocate "
+                                      "memory (12)"))  # seen under --memory-cap: the weights' mapping fails first
     assert not worker.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert worker.describe(ValueError("bad\n  value")) == "ValueError: bad value"
     assert worker.describe(RunError("what. how")) == "what. how"

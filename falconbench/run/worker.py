@@ -26,7 +26,10 @@ from .stats import summarize
 Emit = Callable[..., None]
 # NOTE: "alloc_failed": cuBLAS's CUBLAS_STATUS_ALLOC_FAILED, how a GPU out of memory shows when a handle or
 # workspace cannot be allocated (a RuntimeError, not torch.cuda.OutOfMemoryError)
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate", "alloc_failed")
+# NOTE: "cannot allocate memory" is ENOMEM's text, as a failed mmap reports it (safetensors mapping the weights file
+# under --memory-cap before any tensor is allocated)
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
+                "failed to allocate", "alloc_failed")
 
 
 def child_main(configs: list[dict[str, Any]], conn, log_path: str | None = None, output_dir: str | None = None,
